@@ -1,0 +1,32 @@
+"""lora-da: fast, exact data-aware LoRA initialization (LoRA-DA).
+
+>>> import lora_da
+>>> init = lora_da.initialize(model, loader, rank=8)
+>>> init.apply(peft_model)            # or init.save_pretrained("adapter/")
+"""
+
+from .api import initialize, initialize_from_config
+from .config import LoraDAConfig
+from .result import LoraInit, ModuleInit
+from .statistics import KFACStatistics, collect_statistics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "initialize",
+    "initialize_from_config",
+    "LoraDAConfig",
+    "LoraInit",
+    "ModuleInit",
+    "KFACStatistics",
+    "collect_statistics",
+    "build_info",
+    "__version__",
+]
+
+
+def build_info() -> dict:
+    """How the compiled core ``lora_da._core`` was built."""
+    from . import _core
+
+    return dict(_core.build_info())

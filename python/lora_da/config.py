@@ -1,0 +1,88 @@
+"""Options of a LoRA-DA initialization, as one frozen dataclass (like PEFT's configs)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+TokenMask = Union[str, None, Callable[[object], torch.Tensor]]
+TargetModules = Union[None, str, Sequence[str]]
+
+TOKEN_MASK_MODES = ("attention", "labels", "all")
+
+
+@dataclass(frozen=True)
+class LoraDAConfig:
+    """Hyper-parameters of LoRA-DA (defaults as published; symbols as in SPEC.md).
+
+    Attributes:
+        rank: LoRA rank ``r``.
+        target_modules: ``None`` for every ``nn.Linear`` except the output head;
+            a list of names (a module matches when its name equals an entry or ends
+            with ``"." + entry``, as in PEFT); or one string, a regular expression
+            that must match the whole module name.
+        alpha: weight ``α`` of the bias term ``−α Δ̂Δ̂ᵀ`` of Ω.
+        beta: weight ``β`` of the variance term ``β c Z⁻¹`` of Ω.
+        gamma: ``γ``; ``lora_A = A₀ᵀ/√γ`` and ``lora_B = B₀ᵀ/√γ``.
+        damping: ``λ``, added to ``Z``'s diagonal and to ``y``.
+        train_size: ``N``, the size of the fine-tuning set (variance term).
+            ``None`` uses the number of calibration samples, with a warning.
+        token_mask: which tokens enter ``Z`` and ``y``: ``"attention"``
+            (``attention_mask == 1``, all tokens when the batch has none),
+            ``"labels"`` (tokens whose next-token label is not -100),
+            ``"all"``, or a callable ``batch -> mask`` shaped like the inputs'
+            leading dimensions.
+        max_batches: stop after this many batches from the loader.
+        preserve_output: subtract ``s·lora_B·lora_A`` from the base weight in
+            :meth:`LoraInit.apply` so the model's output is unchanged at init.
+        seed: seed for any randomized step (solver start vectors).
+        progress: show a progress bar during the statistics pass.
+    """
+
+    rank: int = 8
+    target_modules: TargetModules = None
+    alpha: float = 1.0
+    beta: float = 0.03
+    gamma: float = 1024.0
+    damping: float = 1e-6
+    train_size: Optional[int] = None
+    token_mask: TokenMask = "attention"
+    max_batches: Optional[int] = None
+    preserve_output: bool = False
+    seed: int = 0
+    progress: bool = True
+    loss_fn: Optional[Callable] = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be a positive int, got {self.rank!r}")
+        for name in ("alpha", "beta", "gamma", "damping"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.gamma <= 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        if self.damping <= 0:
+            raise ValueError(f"damping must be > 0, got {self.damping}")
+        if self.train_size is not None and (
+            not isinstance(self.train_size, int) or self.train_size < 1
+        ):
+            raise ValueError(f"train_size must be a positive int or None, got {self.train_size!r}")
+        if self.max_batches is not None and (
+            not isinstance(self.max_batches, int) or self.max_batches < 1
+        ):
+            raise ValueError(f"max_batches must be a positive int or None, got {self.max_batches!r}")
+        if isinstance(self.token_mask, str) and self.token_mask not in TOKEN_MASK_MODES:
+            raise ValueError(
+                f"token_mask must be one of {TOKEN_MASK_MODES}, None or a callable, "
+                f"got {self.token_mask!r}"
+            )
+        if not (self.token_mask is None or isinstance(self.token_mask, str) or callable(self.token_mask)):
+            raise ValueError(f"token_mask must be a string, None or a callable, got {self.token_mask!r}")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ValueError("loss_fn must be callable: loss_fn(model, batch) -> per-sample losses")

@@ -1,0 +1,95 @@
+"""Batches, token masks and the default per-sample loss."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: move_to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(value, device) for value in batch)
+    return batch
+
+
+def token_mask_for(batch: Any, mode: Any) -> Optional[torch.Tensor]:
+    """The 0/1 mask (``batch x seq``) of the tokens that enter ``Z`` and ``y``.
+
+    ``None`` means every token counts.
+    """
+    if callable(mode):
+        mask = mode(batch)
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"token_mask callable must return a tensor, got {type(mask).__name__}")
+        return mask
+    if mode is None or mode == "all":
+        return None
+    if not isinstance(batch, Mapping):
+        if mode == "attention":
+            return None
+        raise ValueError("token_mask='labels' needs dict-like batches with a 'labels' entry")
+    if mode == "attention":
+        return batch.get("attention_mask")
+    # mode == "labels": token t counts when its next-token label is not ignored.
+    labels = batch.get("labels")
+    if labels is None:
+        raise ValueError("token_mask='labels' needs a 'labels' entry in every batch")
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def model_inputs(batch: Mapping) -> dict:
+    """Keyword arguments for the model: the batch without ``labels`` (we compute the loss)."""
+    return {key: value for key, value in batch.items() if key != "labels"}
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)):
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"cannot find logits in the model's output of type {type(output).__name__}")
+    return logits
+
+
+def causal_lm_per_sample_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Each sample's mean next-token cross-entropy (labels shifted, -100 ignored).
+
+    Returns the losses of the samples that have at least one label, so that the
+    sum over a batch is independent of how the data is split into batches.
+    """
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        raise ValueError(
+            "the default causal-LM loss needs dict-like batches with 'labels' "
+            "(use -100 for tokens without loss), or pass loss_fn(model, batch) -> per-sample losses"
+        )
+    labels = batch["labels"]
+    logits = logits_of(model(**model_inputs(batch)))
+    if logits.shape[:2] != labels.shape[:2]:
+        raise ValueError(f"logits of shape {tuple(logits.shape)} do not match labels of shape {tuple(labels.shape)}")
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = labels[:, 1:]
+    token_losses = F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shifted_labels.shape)
+    valid = shifted_labels != IGNORE_INDEX
+    counts = valid.sum(dim=1)
+    per_sample = token_losses.sum(dim=1) / counts.clamp(min=1)
+    return per_sample[counts > 0]

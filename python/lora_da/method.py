@@ -1,0 +1,133 @@
+"""LoRA-DA's per-module math (SPEC.md, steps 1-7), in float64.
+
+Given a module's gradient ``G`` (d_out x d_in), its input factor ``Z`` and its
+diagonal output factor ``y``:
+
+1. ``Δ = −Z⁻¹ Gᵀ diag(1/(y+λ))``           natural-gradient step (d_in x d_out)
+2. ``σ = σ_max(Δ)``, ``Δ̂ = Δ/σ``
+3. ``c = Σ_i 1/(y_i+λ) / N / σ²``
+4. ``Ω = −α Δ̂Δ̂ᵀ + β c Z⁻¹``                 Initialization Guidance Matrix
+5. ``A₀`` = eigenvectors of Ω for its r smallest eigenvalues, signs fixed
+6. ``B₀ = A₀ᵀ Δ̂``
+7. ``lora_A = A₀ᵀ/√γ``, ``lora_B = B₀ᵀ/√γ``
+
+Damping rule for ``Z``: the Cholesky factorization of ``Z_raw + λ_k I`` is tried
+with ``λ_k = λ·10^k``, k = 0, 1, …, 8; the first that succeeds is used (and
+reported, with a warning when k > 0). ``y`` is always damped with the original λ.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+import torch
+
+from .solvers import fix_column_signs, smallest_eigenpairs
+
+MAX_DAMPING_ESCALATIONS = 8
+
+
+@dataclass
+class InputFactor:
+    """``Z = Z_raw + λ_used I`` of one input group, prepared once for all members."""
+
+    cholesky: torch.Tensor  # lower-triangular L with Z = L Lᵀ (float64)
+    inverse: torch.Tensor  # Z⁻¹ (float64, symmetric)
+    damping: float  # λ actually added to the diagonal
+
+
+def prepare_input_factor(input_factor_raw: torch.Tensor, damping: float, name: str) -> InputFactor:
+    """Cholesky-factor ``Z_raw + λI`` in float64, escalating λ by the module's rule."""
+    z_raw = input_factor_raw.to(torch.float64)
+    z_raw = 0.5 * (z_raw + z_raw.T)
+    eye = torch.eye(z_raw.shape[0], dtype=torch.float64, device=z_raw.device)
+    for k in range(MAX_DAMPING_ESCALATIONS + 1):
+        used = damping * 10.0**k
+        cholesky, info = torch.linalg.cholesky_ex(z_raw + used * eye)
+        if int(info) == 0 and torch.isfinite(cholesky).all():
+            if k > 0:
+                warnings.warn(
+                    f"input factor Z of module '{name}' is not positive definite with damping {damping:g}; "
+                    f"used damping {used:g} instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return InputFactor(cholesky=cholesky, inverse=torch.cholesky_inverse(cholesky), damping=used)
+    raise FloatingPointError(
+        f"input factor Z of module '{name}' is not positive definite even with damping "
+        f"{damping * 10.0**MAX_DAMPING_ESCALATIONS:g}"
+    )
+
+
+@dataclass
+class ModuleFactors:
+    """LoRA-DA's answer for one module."""
+
+    lora_A: torch.Tensor  # r x d_in, float32
+    lora_B: torch.Tensor  # d_out x r, float32
+    eigenvalues: torch.Tensor  # r smallest eigenvalues of Ω, float64, ascending
+    sigma: float  # σ_max(Δ)
+    variance_scale: float  # c
+
+
+def natural_gradient_step(
+    gradient: torch.Tensor, input_factor: InputFactor, output_factor_diag: torch.Tensor, damping: float
+) -> torch.Tensor:
+    """``Δ = −Z⁻¹ Gᵀ diag(1/(y+λ))`` (d_in x d_out), with Z⁻¹ applied by Cholesky solves."""
+    g_t = gradient.to(torch.float64).T
+    solved = torch.cholesky_solve(g_t, input_factor.cholesky)
+    return -solved / (output_factor_diag.to(torch.float64) + damping).unsqueeze(0)
+
+
+def spectral_norm(matrix: torch.Tensor) -> float:
+    """``σ_max`` from the smaller Gram matrix (float64)."""
+    gram = matrix.T @ matrix if matrix.shape[1] <= matrix.shape[0] else matrix @ matrix.T
+    return math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0))
+
+
+def guidance_matrix(
+    delta_hat: torch.Tensor, input_factor_inverse: torch.Tensor, alpha: float, beta: float, variance_scale: float
+) -> torch.Tensor:
+    """``Ω = −α Δ̂Δ̂ᵀ + β c Z⁻¹`` (d_in x d_in, symmetrized)."""
+    omega = -alpha * (delta_hat @ delta_hat.T) + (beta * variance_scale) * input_factor_inverse
+    return 0.5 * (omega + omega.T)
+
+
+def lora_da_factors(
+    name: str,
+    gradient: torch.Tensor,
+    input_factor: InputFactor,
+    output_factor_diag: torch.Tensor,
+    *,
+    rank: int,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    damping: float,
+    train_size: int,
+) -> ModuleFactors:
+    """Steps 1-7 for one module, in float64; factors returned in float32."""
+    delta = natural_gradient_step(gradient, input_factor, output_factor_diag, damping)
+    sigma = spectral_norm(delta)
+    if not math.isfinite(sigma):
+        raise FloatingPointError(f"natural-gradient step of module '{name}' is not finite")
+    if sigma == 0.0:
+        raise FloatingPointError(
+            f"the gradient of module '{name}' is exactly zero: its loss does not depend on the module's weight"
+        )
+    delta_hat = delta / sigma
+    variance_scale = float((1.0 / (output_factor_diag.to(torch.float64) + damping)).sum()) / train_size / sigma**2
+    omega = guidance_matrix(delta_hat, input_factor.inverse, alpha, beta, variance_scale)
+    eigenvalues, vectors = smallest_eigenpairs(omega, rank)
+    a0 = fix_column_signs(vectors)
+    b0 = a0.T @ delta_hat  # r x d_out
+    scale = 1.0 / math.sqrt(gamma)
+    lora_A = (a0.T * scale).to(torch.float32).contiguous()
+    lora_B = (b0.T * scale).to(torch.float32).contiguous()
+    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+        raise FloatingPointError(f"LoRA factors of module '{name}' are not finite")
+    return ModuleFactors(
+        lora_A=lora_A, lora_B=lora_B, eigenvalues=eigenvalues, sigma=sigma, variance_scale=variance_scale
+    )
+

@@ -1,0 +1,346 @@
+"""One hooked forward+backward per batch accumulates the K-FAC statistics.
+
+For every target module (SPEC.md symbols, before normalization):
+
+* ``grad_sum``  = Σ_samples ∇_W ℓ_sample  (→ ``G = grad_sum / n``)
+* ``output_factor_diag_sum`` = Σ_t m_t g_t ⊙ g_t  (→ ``y = ... / |T|``)
+
+and for every group of modules that receive the *same input tensor*:
+
+* ``input_factor_sum`` = Σ_t m_t a_t a_tᵀ  (→ ``Z = ... / |T| + λI``)
+
+How: a forward hook on each target module records its input and adds a zero
+"anchor" scalar to its output; a tensor hook on that output receives the output
+gradient ``g`` during ``torch.autograd.grad(loss, anchor)``. All parameters have
+``requires_grad`` switched off for the pass, so no weight gradient is computed
+and no ``param.grad`` is allocated; the anchor makes every target output part
+of the graph even when nothing upstream requires grad. Shared inputs are
+detected from the tensors themselves (same storage, shape, strides, version).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .kernels.kfac_stats import accumulate_input_factor, accumulate_output_statistics
+from .losses import causal_lm_per_sample_loss, move_to_device, token_mask_for
+from .model_state import preserved_model_state
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass
+class InputGroup:
+    """Modules fed the same input tensor, and their shared ``Σ m a aᵀ``."""
+
+    members: Tuple[str, ...]
+    input_factor_sum: torch.Tensor
+
+
+@dataclass
+class ModuleStatistics:
+    """Accumulated sums of one target module."""
+
+    name: str
+    group_index: int
+    grad_sum: torch.Tensor  # d_out x d_in
+    output_factor_diag_sum: torch.Tensor  # d_out
+
+
+@dataclass
+class KFACStatistics:
+    """The statistics pass's result; the accessors apply SPEC.md's normalizations."""
+
+    modules: Dict[str, ModuleStatistics]
+    groups: List[InputGroup]
+    num_samples: int = 0
+    num_tokens: int = 0
+    num_batches: int = 0
+    skipped_batches: int = 0
+    skipped_samples: int = 0
+
+    def gradient(self, name: str) -> torch.Tensor:
+        """``G = (1/n) Σ_samples ∇_W ℓ_sample`` (``d_out x d_in``)."""
+        return self.modules[name].grad_sum / self.num_samples
+
+    def input_factor(self, name: str) -> torch.Tensor:
+        """``(1/|T|) Σ_t a_t a_tᵀ`` of the module's input group, *without* damping."""
+        group = self.groups[self.modules[name].group_index]
+        return group.input_factor_sum / self.num_tokens
+
+    def output_factor_diag(self, name: str) -> torch.Tensor:
+        """``y = (1/|T|) Σ_t g_t ⊙ g_t``, *without* damping."""
+        return self.modules[name].output_factor_diag_sum / self.num_tokens
+
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the first module with a NaN/Inf statistic."""
+        for group in self.groups:
+            if not torch.isfinite(group.input_factor_sum).all():
+                raise FloatingPointError(
+                    f"input factor Z of module '{group.members[0]}' contains NaN/Inf "
+                    f"(input shared by {list(group.members)})"
+                )
+        for stats in self.modules.values():
+            if not torch.isfinite(stats.output_factor_diag_sum).all():
+                raise FloatingPointError(f"output factor y of module '{stats.name}' contains NaN/Inf")
+            if not torch.isfinite(stats.grad_sum).all():
+                raise FloatingPointError(f"gradient G of module '{stats.name}' contains NaN/Inf")
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 models accumulate in fp64; everything else in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
+
+
+@dataclass
+class _LiveInput:
+    """One input tensor seen in the current batch, until its members' gradients arrive."""
+
+    rows: Optional[torch.Tensor]
+    group_index: int
+    members: List[str] = field(default_factory=list)
+    pending: int = 0
+
+
+class _Collector:
+    def __init__(self, modules: Dict[str, nn.Linear]):
+        self.modules = modules
+        self.stats = KFACStatistics(modules={}, groups=[])
+        self.group_of: Dict[str, int] = {}
+        self._reset_batch()
+
+    # -- per-batch state ------------------------------------------------------------
+    def _reset_batch(self) -> None:
+        self.token_weights: Optional[torch.Tensor] = None
+        self.anchor: Optional[torch.Tensor] = None
+        self.live_by_key: Dict[tuple, _LiveInput] = {}
+        self.live_by_module: Dict[str, _LiveInput] = {}
+        self.gradients_seen: set = set()
+        self.batch_rows: Optional[int] = None
+
+    def start_batch(self, token_weights: Optional[torch.Tensor], device: torch.device) -> None:
+        self._reset_batch()
+        self.token_weights = token_weights
+        self.anchor = torch.zeros((), device=device, requires_grad=True)
+
+    def end_batch(self, batch_index: int) -> None:
+        for name in self.modules:
+            if name not in self.live_by_module:
+                raise RuntimeError(
+                    f"target module '{name}' was not called in batch {batch_index}; "
+                    "every target module must run once per forward pass"
+                )
+            if name not in self.gradients_seen:
+                raise RuntimeError(
+                    f"the loss does not depend on the output of target module '{name}' "
+                    f"(no output gradient in batch {batch_index})"
+                )
+        for live in self.live_by_key.values():
+            members = set(live.members)
+            expected = set(self.stats.groups[live.group_index].members)
+            if members != expected:
+                raise RuntimeError(
+                    f"modules {sorted(members)} shared an input in batch {batch_index}, "
+                    f"but {sorted(expected)} did in the first batch; input sharing must not change between batches"
+                )
+        self._reset_batch()
+
+    # -- hooks ------------------------------------------------------------------------
+    def forward_hook(self, name: str):
+        def hook(module: nn.Linear, args: tuple, kwargs: dict, output: torch.Tensor):
+            return self._on_forward(name, module, args, kwargs, output)
+
+        return hook
+
+    def _on_forward(self, name, module, args, kwargs, output):
+        if self.anchor is None:  # a forward outside our pass (should not happen)
+            return None
+        if name in self.live_by_module:
+            raise RuntimeError(
+                f"target module '{name}' was called more than once in one forward pass "
+                "(weight sharing or activation checkpointing is not supported)"
+            )
+        inputs = args[0] if args else kwargs.get("input")
+        if not isinstance(inputs, torch.Tensor) or inputs.shape[-1] != module.in_features:
+            shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise ValueError(f"module '{name}' got input {shape}, expected last dimension {module.in_features}")
+        if not inputs.is_floating_point():
+            raise TypeError(f"module '{name}' got a {inputs.dtype} input; LoRA-DA needs floating-point activations")
+        rows = inputs.numel() // module.in_features
+        if self.token_weights is not None and rows != self.token_weights.numel():
+            raise ValueError(
+                f"module '{name}' got input of shape {tuple(inputs.shape)} ({rows} tokens) but the "
+                f"token mask has {self.token_weights.numel()} entries; pass token_mask=None or a "
+                "callable that matches the module's inputs"
+            )
+        if self.batch_rows is None:
+            self.batch_rows = rows
+
+        key = _tensor_key(inputs)
+        live = self.live_by_key.get(key)
+        if live is None:
+            group_index = self.group_of.get(name)
+            flat = inputs.detach().reshape(-1, module.in_features)
+            if group_index is None:  # first batch: a new group starts with this module
+                group_index = len(self.stats.groups)
+                dtype = _accumulator_dtype(inputs.dtype)
+                self.stats.groups.append(
+                    InputGroup(
+                        members=(),
+                        input_factor_sum=torch.zeros(
+                            module.in_features, module.in_features, dtype=dtype, device=inputs.device
+                        ),
+                    )
+                )
+            accumulate_input_factor(self.stats.groups[group_index].input_factor_sum, flat, self.token_weights)
+            live = _LiveInput(rows=flat, group_index=group_index)
+            self.live_by_key[key] = live
+        if name not in self.group_of:  # first batch: join the group of this input
+            self.group_of[name] = live.group_index
+            group = self.stats.groups[live.group_index]
+            group.members = group.members + (name,)
+            dtype = group.input_factor_sum.dtype
+            self.stats.modules[name] = ModuleStatistics(
+                name=name,
+                group_index=live.group_index,
+                grad_sum=torch.zeros(module.out_features, module.in_features, dtype=dtype, device=inputs.device),
+                output_factor_diag_sum=torch.zeros(module.out_features, dtype=dtype, device=inputs.device),
+            )
+        live.members.append(name)
+        live.pending += 1
+        self.live_by_module[name] = live
+
+        anchored = output + self.anchor.to(output.dtype)
+        anchored.register_hook(self._gradient_hook(name, module.out_features))
+        return anchored
+
+    def _gradient_hook(self, name: str, out_features: int):
+        def hook(grad: torch.Tensor) -> None:
+            live = self.live_by_module[name]
+            stats = self.stats.modules[name]
+            accumulate_output_statistics(
+                stats.output_factor_diag_sum,
+                stats.grad_sum,
+                grad.reshape(-1, out_features),
+                live.rows,
+                self.token_weights,
+            )
+            self.gradients_seen.add(name)
+            live.pending -= 1
+            if live.pending == 0:
+                live.rows = None  # release the activation as soon as its group is done
+
+        return hook
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def collect_statistics(
+    model: nn.Module,
+    loader: Any,
+    modules: Dict[str, nn.Linear],
+    *,
+    token_mask: Any = "attention",
+    loss_fn: Optional[LossFn] = None,
+    max_batches: Optional[int] = None,
+    progress: bool = False,
+) -> KFACStatistics:
+    """Run one hooked forward+backward per batch of ``loader`` and return the sums.
+
+    ``loss_fn(model, batch)`` must return the per-sample losses of the batch (a
+    1-D tensor, one entry per sample that counts); their sum is differentiated.
+    The default is each sample's mean next-token loss (:func:`causal_lm_per_sample_loss`).
+    The model runs in eval mode (no dropout); it is left exactly as found.
+    """
+    loss_fn = loss_fn or causal_lm_per_sample_loss
+    device = _model_device(model)
+    collector = _Collector(modules)
+    stats = collector.stats
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+
+    with preserved_model_state(model) as handles, torch.enable_grad():
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(collector.forward_hook(name), with_kwargs=True))
+
+        bar = tqdm(total=total, desc="lora-da statistics", unit="batch", disable=not progress, leave=False)
+        try:
+            for batch_index, batch in enumerate(loader):
+                if max_batches is not None and batch_index >= max_batches:
+                    break
+                stats.num_batches += 1
+                bar.update(1)
+                batch = move_to_device(batch, device)
+                mask = token_mask_for(batch, token_mask)
+                weights = None
+                if mask is not None:
+                    weights = mask.reshape(-1).to(device=device)
+                    batch_tokens = int(weights.sum().item())  # one host sync per batch
+                    if batch_tokens == 0:
+                        stats.skipped_batches += 1
+                        logger.info("batch %d: the token mask keeps no token; skipped", batch_index)
+                        continue
+                collector.start_batch(weights, device)
+                losses = loss_fn(model, batch)
+                if not isinstance(losses, torch.Tensor) or losses.dim() > 1:
+                    raise TypeError(
+                        "loss_fn must return a 1-D tensor of per-sample losses, got "
+                        + (f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__)
+                    )
+                losses = losses.reshape(-1)
+                total_loss = losses.sum()
+                if not torch.isfinite(total_loss).item():
+                    raise FloatingPointError(f"the loss of batch {batch_index} is {total_loss.item()}")
+                if not total_loss.requires_grad:
+                    raise RuntimeError("the loss does not depend on any target module's output")
+                torch.autograd.grad(total_loss, collector.anchor)
+                if weights is None:
+                    batch_tokens = collector.batch_rows
+                collector.end_batch(batch_index)
+                stats.num_tokens += batch_tokens
+                stats.num_samples += losses.numel()
+                stats.skipped_samples += _batch_size(batch) - losses.numel() if loss_fn is causal_lm_per_sample_loss else 0
+                bar.set_postfix(tokens=stats.num_tokens, refresh=False)
+        finally:
+            bar.close()
+            collector._reset_batch()
+
+    if stats.num_batches == 0:
+        raise ValueError("the loader yielded no batches")
+    if stats.num_tokens == 0:
+        raise ValueError(
+            f"every batch's token mask was empty ({stats.skipped_batches} batches skipped); "
+            f"check token_mask={token_mask!r} and the batches' masks/labels"
+        )
+    if stats.num_samples == 0:
+        raise ValueError("no sample carried any loss (all labels are -100?)")
+    stats.check_finite()
+    return stats
+
+
+def _batch_size(batch: Any) -> int:
+    labels = batch["labels"]
+    return int(labels.shape[0])
