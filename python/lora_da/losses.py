@@ -81,7 +81,8 @@ def causal_lm_per_sample_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     logits = logits_of(model(**model_inputs(batch)))
     if logits.shape[:2] != labels.shape[:2]:
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not match labels of shape {tuple(labels.shape)}")
-    shifted_logits = logits[:, :-1].float()
+    shifted_logits = logits[:, :-1]
+    shifted_logits = shifted_logits.to(torch.promote_types(shifted_logits.dtype, torch.float32))
     shifted_labels = labels[:, 1:]
     token_losses = F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]),

@@ -94,6 +94,52 @@ def guidance_matrix(
     return 0.5 * (omega + omega.T)
 
 
+@dataclass
+class ModuleSubspace:
+    """Steps 1-6 in float64, before the γ scaling and the float32 cast."""
+
+    input_basis: torch.Tensor  # A₀, d_in x r, orthonormal columns, signs fixed
+    output_basis: torch.Tensor  # B₀ = A₀ᵀ Δ̂, r x d_out
+    eigenvalues: torch.Tensor  # r smallest eigenvalues of Ω, ascending
+    sigma: float  # σ_max(Δ)
+    variance_scale: float  # c
+
+
+def lora_da_subspace(
+    name: str,
+    gradient: torch.Tensor,
+    input_factor: InputFactor,
+    output_factor_diag: torch.Tensor,
+    *,
+    rank: int,
+    alpha: float,
+    beta: float,
+    damping: float,
+    train_size: int,
+) -> ModuleSubspace:
+    """Steps 1-6 for one module, in float64."""
+    delta = natural_gradient_step(gradient, input_factor, output_factor_diag, damping)
+    sigma = spectral_norm(delta)
+    if not math.isfinite(sigma):
+        raise FloatingPointError(f"natural-gradient step of module '{name}' is not finite")
+    if sigma == 0.0:
+        raise FloatingPointError(
+            f"the gradient of module '{name}' is exactly zero: its loss does not depend on the module's weight"
+        )
+    delta_hat = delta / sigma
+    variance_scale = float((1.0 / (output_factor_diag.to(torch.float64) + damping)).sum()) / train_size / sigma**2
+    omega = guidance_matrix(delta_hat, input_factor.inverse, alpha, beta, variance_scale)
+    eigenvalues, vectors = smallest_eigenpairs(omega, rank)
+    input_basis = fix_column_signs(vectors)
+    return ModuleSubspace(
+        input_basis=input_basis,
+        output_basis=input_basis.T @ delta_hat,
+        eigenvalues=eigenvalues,
+        sigma=sigma,
+        variance_scale=variance_scale,
+    )
+
+
 def lora_da_factors(
     name: str,
     gradient: torch.Tensor,
@@ -108,26 +154,19 @@ def lora_da_factors(
     train_size: int,
 ) -> ModuleFactors:
     """Steps 1-7 for one module, in float64; factors returned in float32."""
-    delta = natural_gradient_step(gradient, input_factor, output_factor_diag, damping)
-    sigma = spectral_norm(delta)
-    if not math.isfinite(sigma):
-        raise FloatingPointError(f"natural-gradient step of module '{name}' is not finite")
-    if sigma == 0.0:
-        raise FloatingPointError(
-            f"the gradient of module '{name}' is exactly zero: its loss does not depend on the module's weight"
-        )
-    delta_hat = delta / sigma
-    variance_scale = float((1.0 / (output_factor_diag.to(torch.float64) + damping)).sum()) / train_size / sigma**2
-    omega = guidance_matrix(delta_hat, input_factor.inverse, alpha, beta, variance_scale)
-    eigenvalues, vectors = smallest_eigenpairs(omega, rank)
-    a0 = fix_column_signs(vectors)
-    b0 = a0.T @ delta_hat  # r x d_out
+    subspace = lora_da_subspace(
+        name, gradient, input_factor, output_factor_diag,
+        rank=rank, alpha=alpha, beta=beta, damping=damping, train_size=train_size,
+    )
     scale = 1.0 / math.sqrt(gamma)
-    lora_A = (a0.T * scale).to(torch.float32).contiguous()
-    lora_B = (b0.T * scale).to(torch.float32).contiguous()
+    lora_A = (subspace.input_basis.T * scale).to(torch.float32).contiguous()
+    lora_B = (subspace.output_basis.T * scale).to(torch.float32).contiguous()
     if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
         raise FloatingPointError(f"LoRA factors of module '{name}' are not finite")
     return ModuleFactors(
-        lora_A=lora_A, lora_B=lora_B, eigenvalues=eigenvalues, sigma=sigma, variance_scale=variance_scale
+        lora_A=lora_A,
+        lora_B=lora_B,
+        eigenvalues=subspace.eigenvalues,
+        sigma=subspace.sigma,
+        variance_scale=subspace.variance_scale,
     )
-

@@ -1,0 +1,111 @@
+"""PEFT glue: apply, save/load round trip, preserve_output."""
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import lora_da
+from lora_da.models import batches, synthetic_samples, tiny_llama
+
+pytestmark = pytest.mark.filterwarnings("ignore:train_size not given")
+
+RANK = 4
+
+
+@pytest.fixture(scope="module")
+def data():
+    return list(batches(synthetic_samples(8, seed=7), 4))
+
+
+def make_init(data, **kwargs):
+    return lora_da.initialize(tiny_llama(), data, rank=RANK, train_size=100, progress=False, **kwargs)
+
+
+def peft_of(init, lora_alpha=16, dtype=torch.float32, **kwargs):
+    model = tiny_llama(dtype=dtype)
+    config = LoraConfig(r=RANK, lora_alpha=lora_alpha, target_modules=list(init.modules), **kwargs)
+    return get_peft_model(model, config)
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_apply_gives_w_x_plus_scaled_b_a_x(data):
+    init = make_init(data)
+    peft_model = peft_of(init, lora_alpha=16)
+    init.apply(peft_model)
+    name = "model.layers.1.mlp.down_proj"
+    layer = dict(peft_model.named_modules())["base_model.model." + name]
+    base = tiny_llama().get_submodule(name)  # an untouched copy of W
+    x = torch.randn(5, base.in_features)
+    m = init.modules[name]
+    expected = x @ base.weight.T + (16 / RANK) * (x @ m.lora_A.T) @ m.lora_B.T
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    for n, mi in init.modules.items():
+        lora_layer = dict(peft_model.named_modules())["base_model.model." + n]
+        assert torch.equal(lora_layer.lora_A["default"].weight, mi.lora_A)
+        assert torch.equal(lora_layer.lora_B["default"].weight, mi.lora_B)
+
+
+def test_apply_keeps_lora_dtype(data):
+    init = make_init(data)
+    peft_model = peft_of(init, dtype=torch.bfloat16)
+    for module in peft_model.modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            module.lora_A["default"].to(torch.bfloat16)
+            module.lora_B["default"].to(torch.bfloat16)
+    dtypes_before = {n: p.dtype for n, p in peft_model.named_parameters()}
+    init.apply(peft_model)
+    assert {n: p.dtype for n, p in peft_model.named_parameters()} == dtypes_before
+
+
+def test_save_and_load_round_trip_identical_logits(data, tmp_path):
+    init = make_init(data)
+    applied = peft_of(init, lora_alpha=8)
+    init.apply(applied)
+    init.save_pretrained(str(tmp_path), lora_alpha=8)
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    batch = data[0]
+    assert torch.equal(logits(applied, batch), logits(loaded, batch))
+    assert not torch.allclose(logits(loaded, batch), logits(tiny_llama(), batch))  # the adapter does something
+    assert (tmp_path / "lora_da_init.json").exists()
+
+
+def test_rslora_scaling_round_trip(data, tmp_path):
+    init = make_init(data)
+    applied = peft_of(init, lora_alpha=8, use_rslora=True)
+    init.apply(applied)
+    init.save_pretrained(str(tmp_path), lora_alpha=8, use_rslora=True)
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    assert torch.equal(logits(applied, data[0]), logits(loaded, data[0]))
+    layer = dict(applied.named_modules())["base_model.model.model.layers.0.self_attn.q_proj"]
+    assert math.isclose(layer.scaling["default"], 8 / math.sqrt(RANK))
+
+
+def test_preserve_output_leaves_logits_unchanged(data):
+    init = make_init(data, preserve_output=True)
+    peft_model = peft_of(init, lora_alpha=32)
+    init.apply(peft_model)
+    batch = data[1]
+    torch.testing.assert_close(logits(peft_model, batch), logits(tiny_llama(), batch), rtol=1e-4, atol=1e-5)
+    with peft_model.disable_adapter():  # the base weights did change
+        assert not torch.allclose(logits(peft_model, batch), logits(tiny_llama(), batch), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="preserve_output=True"):
+        init.save_pretrained("/nonexistent-dir")
+
+
+def test_apply_checks_rank_and_names(data):
+    init = make_init(data)
+    wrong_rank = get_peft_model(tiny_llama(), LoraConfig(r=RANK + 1, target_modules=list(init.modules)))
+    with pytest.raises(ValueError, match="do not match"):
+        init.apply(wrong_rank)
+    partial = get_peft_model(tiny_llama(), LoraConfig(r=RANK, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="k_proj' of this LoraInit has no matching PEFT LoRA layers"):
+        init.apply(partial)
+    with pytest.raises(ValueError, match="adapter 'other'"):
+        init.apply(peft_of(init), adapter_name="other")
