@@ -80,6 +80,19 @@ class KFACStatistics:
         """``y = (1/|T|) Σ_t g_t ⊙ g_t``, *without* damping."""
         return self.modules[name].output_factor_diag_sum / self.num_tokens
 
+    def check_totals(self) -> None:
+        """Raise ``ValueError`` when no batch, token or sample was seen; then :meth:`check_finite`."""
+        if self.num_batches == 0:
+            raise ValueError("the loader yielded no batches")
+        if self.num_tokens == 0:
+            raise ValueError(
+                f"every batch's token mask was empty ({self.skipped_batches} batches skipped); "
+                "check token_mask and the batches' masks/labels"
+            )
+        if self.num_samples == 0:
+            raise ValueError("no sample carried any loss (all labels are -100?)")
+        self.check_finite()
+
     def check_finite(self) -> None:
         """Raise ``FloatingPointError`` naming the first module with a NaN/Inf statistic."""
         for group in self.groups:
@@ -260,6 +273,7 @@ def collect_statistics(
     loss_fn: Optional[LossFn] = None,
     max_batches: Optional[int] = None,
     progress: bool = False,
+    check_totals: bool = True,
 ) -> KFACStatistics:
     """Run one hooked forward+backward per batch of ``loader`` and return the sums.
 
@@ -267,6 +281,8 @@ def collect_statistics(
     1-D tensor, one entry per sample that counts); their sum is differentiated.
     The default is each sample's mean next-token loss (:func:`causal_lm_per_sample_loss`).
     The model runs in eval mode (no dropout); it is left exactly as found.
+    ``check_totals=False`` skips :meth:`KFACStatistics.check_totals` (for a rank
+    whose share of a distributed loader may be empty).
     """
     loss_fn = loss_fn or causal_lm_per_sample_loss
     device = _model_device(model)
@@ -328,16 +344,8 @@ def collect_statistics(
             bar.close()
             collector._reset_batch()
 
-    if stats.num_batches == 0:
-        raise ValueError("the loader yielded no batches")
-    if stats.num_tokens == 0:
-        raise ValueError(
-            f"every batch's token mask was empty ({stats.skipped_batches} batches skipped); "
-            f"check token_mask={token_mask!r} and the batches' masks/labels"
-        )
-    if stats.num_samples == 0:
-        raise ValueError("no sample carried any loss (all labels are -100?)")
-    stats.check_finite()
+    if check_totals:
+        stats.check_totals()
     return stats
 
 
