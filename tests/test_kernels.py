@@ -283,6 +283,10 @@ def test_select_backend():
         dispatch.select_backend("cpu", "cuda")
     with pytest.raises(TypeError, match="fp64"):
         dispatch.select_backend("cuda", "triton", torch.float64)
+    from lora_da.config import LoraDAConfig
+
+    with pytest.raises(ValueError, match="stats_backend"):
+        LoraDAConfig(stats_backend="cuda")
     if INTERPRETING:
         backend = dispatch.select_backend("cpu", "triton", torch.float32)
         assert backend.finalize_input_factor is kfac_stats_triton.finalize_input_factor

@@ -206,7 +206,9 @@ class _Collector:
                         ),
                     )
                 )
-            self.backend.accumulate_input_factor(self.stats.groups[group_index].input_factor_sum, flat, self.token_weights)
+            self.backend.accumulate_input_factor(
+                self.stats.groups[group_index].input_factor_sum, flat, self.token_weights
+            )
             live = _LiveInput(rows=flat, group_index=group_index)
             self.live_by_key[key] = live
         if name not in self.group_of:  # first batch: join the group of this input
