@@ -3,4 +3,13 @@
 Each kernel lives beside a plain-PyTorch reference of the same function; the
 reference is the oracle the fast version is tested against and the path used
 wherever the fast version does not apply.
+
+Modules:
+
+* ``kfac_stats`` / ``kfac_stats_triton``: accumulation of the K-FAC statistics
+  (input factor Z on upper-triangle tiles, output-factor diagonal y, gradient G).
+* ``omega`` / ``omega_triton``: batched Initialization Guidance Matrices Ω.
+* ``dispatch``: ``select_backend(device, requested, dtype)`` for the statistics pass.
+
+The Triton modules import ``triton``; nothing else here does.
 """

@@ -34,6 +34,7 @@ def initialize(
     preserve_output: bool = False,
     seed: int = 0,
     progress: bool = True,
+    stats_backend: str = "auto",
 ) -> LoraInit:
     """Compute LoRA-DA's data-aware LoRA initialization of ``model``.
 
@@ -53,6 +54,8 @@ def initialize(
         loss_fn: ``loss_fn(model, batch) -> per-sample losses`` (1-D) for
             models that are not causal LMs. Default: each sample's mean
             next-token loss, so results do not depend on the batch size.
+        stats_backend: ``"auto"`` (Triton kernels on CUDA, PyTorch elsewhere),
+            ``"torch"`` or ``"triton"``; ``result.backends["statistics"]`` says which ran.
         Other arguments: see :class:`lora_da.LoraDAConfig`.
 
     Returns:
@@ -72,6 +75,7 @@ def initialize(
         seed=seed,
         progress=progress,
         loss_fn=loss_fn,
+        stats_backend=stats_backend,
     )
     return initialize_from_config(model, loader, config)
 
@@ -88,6 +92,7 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
         loss_fn=config.loss_fn,
         max_batches=config.max_batches,
         progress=config.progress,
+        stats_backend=config.stats_backend,
     )
     statistics_done = time.perf_counter()
 
@@ -112,7 +117,7 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
         skipped_batches=stats.skipped_batches,
         skipped_samples=stats.skipped_samples,
         timings={"statistics": statistics_done - start, "solve": end - statistics_done, "total": end - start},
-        backends={"statistics": "torch", "solve": EIGH_BACKEND},
+        backends={"statistics": stats.backend, "solve": EIGH_BACKEND},
     )
 
 

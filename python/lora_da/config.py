@@ -39,6 +39,8 @@ class LoraDAConfig:
         preserve_output: subtract ``s·lora_B·lora_A`` from the base weight in
             :meth:`LoraInit.apply` so the model's output is unchanged at init.
         seed: seed for any randomized step (solver start vectors).
+        stats_backend: who accumulates the statistics: ``"auto"`` (Triton kernels
+            on CUDA, the PyTorch reference elsewhere), ``"torch"`` or ``"triton"``.
         progress: show a progress bar during the statistics pass.
     """
 
@@ -54,6 +56,7 @@ class LoraDAConfig:
     preserve_output: bool = False
     seed: int = 0
     progress: bool = True
+    stats_backend: str = "auto"
     loss_fn: Optional[Callable] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -84,5 +87,7 @@ class LoraDAConfig:
             )
         if not (self.token_mask is None or isinstance(self.token_mask, str) or callable(self.token_mask)):
             raise ValueError(f"token_mask must be a string, None or a callable, got {self.token_mask!r}")
+        if self.stats_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"stats_backend must be 'auto', 'torch' or 'triton', got {self.stats_backend!r}")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError("loss_fn must be callable: loss_fn(model, batch) -> per-sample losses")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .kernels.kfac_stats import accumulate_input_factor, accumulate_output_statistics
+from .kernels.dispatch import TORCH_BACKEND, StatisticsBackend, select_backend
 from .losses import causal_lm_per_sample_loss, move_to_device, token_mask_for
 from .model_state import preserved_model_state
 
@@ -66,6 +66,7 @@ class KFACStatistics:
     num_batches: int = 0
     skipped_batches: int = 0
     skipped_samples: int = 0
+    backend: str = "torch"  # which implementation accumulated the sums
 
     def gradient(self, name: str) -> torch.Tensor:
         """``G = (1/n) Σ_samples ∇_W ℓ_sample`` (``d_out x d_in``)."""
@@ -128,8 +129,9 @@ class _LiveInput:
 
 
 class _Collector:
-    def __init__(self, modules: Dict[str, nn.Linear]):
+    def __init__(self, modules: Dict[str, nn.Linear], backend: StatisticsBackend = TORCH_BACKEND):
         self.modules = modules
+        self.backend = backend
         self.stats = KFACStatistics(modules={}, groups=[])
         self.group_of: Dict[str, int] = {}
         self._reset_batch()
@@ -217,7 +219,9 @@ class _Collector:
                         ),
                     )
                 )
-            accumulate_input_factor(self.stats.groups[group_index].input_factor_sum, flat, self.token_weights)
+            self.backend.accumulate_input_factor(
+                self.stats.groups[group_index].input_factor_sum, flat, self.token_weights
+            )
             live = _LiveInput(rows=flat, group_index=group_index)
             self.live_by_key[key] = live
         if name not in self.group_of:  # first batch: join the group of this input
@@ -243,7 +247,7 @@ class _Collector:
         def hook(grad: torch.Tensor) -> None:
             live = self.live_by_module[name]
             stats = self.stats.modules[name]
-            accumulate_output_statistics(
+            self.backend.accumulate_output_statistics(
                 stats.output_factor_diag_sum,
                 stats.grad_sum,
                 grad.reshape(-1, out_features),
@@ -264,6 +268,13 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _model_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return None
+
+
 def collect_statistics(
     model: nn.Module,
     loader: Any,
@@ -274,6 +285,7 @@ def collect_statistics(
     max_batches: Optional[int] = None,
     progress: bool = False,
     check_totals: bool = True,
+    stats_backend: str = "auto",
 ) -> KFACStatistics:
     """Run one hooked forward+backward per batch of ``loader`` and return the sums.
 
@@ -283,11 +295,15 @@ def collect_statistics(
     The model runs in eval mode (no dropout); it is left exactly as found.
     ``check_totals=False`` skips :meth:`KFACStatistics.check_totals` (for a rank
     whose share of a distributed loader may be empty).
+    ``stats_backend``: ``"auto"``, ``"torch"`` or ``"triton"`` (see
+    :func:`lora_da.kernels.dispatch.select_backend`); ``stats.backend`` says which ran.
     """
     loss_fn = loss_fn or causal_lm_per_sample_loss
     device = _model_device(model)
-    collector = _Collector(modules)
+    backend = select_backend(device, stats_backend, _model_dtype(model))
+    collector = _Collector(modules, backend)
     stats = collector.stats
+    stats.backend = backend.name
     try:
         total = len(loader)
     except TypeError:
@@ -344,6 +360,8 @@ def collect_statistics(
             bar.close()
             collector._reset_batch()
 
+    for group in stats.groups:  # e.g. mirror the Triton kernel's upper triangle, once per pass
+        backend.finalize_input_factor(group.input_factor_sum)
     if check_totals:
         stats.check_totals()
     return stats
