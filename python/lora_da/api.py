@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from . import distributed
 from .config import LoraDAConfig, TargetModules, TokenMask
 from .method import InputFactor, lora_da_factors, prepare_input_factor
 from .result import LoraInit, ModuleInit
 from .solvers import EIGH_BACKEND
-from .statistics import KFACStatistics, collect_statistics
+from .statistics import KFACStatistics, model_device, collect_statistics
 from .targets import find_target_modules
 
 
@@ -35,6 +37,7 @@ def initialize(
     seed: int = 0,
     progress: bool = True,
     stats_backend: str = "auto",
+    gather_to: Optional[int] = None,
 ) -> LoraInit:
     """Compute LoRA-DA's data-aware LoRA initialization of ``model``.
 
@@ -56,6 +59,9 @@ def initialize(
             next-token loss, so results do not depend on the batch size.
         stats_backend: ``"auto"`` (Triton kernels on CUDA, PyTorch elsewhere),
             ``"torch"`` or ``"triton"``; ``result.backends["statistics"]`` says which ran.
+        gather_to: under ``torch.distributed``, the rank that receives every
+            module's factors (``None``: all ranks do; other ranks then return
+            only the modules they solved).
         Other arguments: see :class:`lora_da.LoraDAConfig`.
 
     Returns:
@@ -76,25 +82,48 @@ def initialize(
         progress=progress,
         loss_fn=loss_fn,
         stats_backend=stats_backend,
+        gather_to=gather_to,
     )
     return initialize_from_config(model, loader, config)
 
 
 def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
-    """:func:`initialize` with the options given as a :class:`LoraDAConfig`."""
+    """:func:`initialize` with the options given as a :class:`LoraDAConfig`.
+
+    Under ``torch.distributed`` (an initialized process group of more than one
+    rank) every rank must call this with its own share of the data; see
+    :mod:`lora_da.distributed`.
+    """
     start = time.perf_counter()
+    model = distributed.unwrap_model(model)
     modules = find_target_modules(model, config.target_modules, config.rank)
-    stats = collect_statistics(
-        model,
-        loader,
-        modules,
-        token_mask=config.token_mask,
-        loss_fn=config.loss_fn,
-        max_batches=config.max_batches,
-        progress=config.progress,
-        stats_backend=config.stats_backend,
-    )
-    statistics_done = time.perf_counter()
+    run_distributed = distributed.is_active()
+
+    def statistics_pass() -> KFACStatistics:
+        return collect_statistics(
+            model,
+            loader,
+            modules,
+            token_mask=config.token_mask,
+            loss_fn=config.loss_fn,
+            max_batches=config.max_batches,
+            progress=config.progress,
+            stats_backend=config.stats_backend,
+            check_totals=not run_distributed,
+        )
+
+    timings: Dict[str, float] = {}
+    if run_distributed:
+        stats = distributed.run_agreeing("the statistics pass", statistics_pass)
+        timings["statistics"] = time.perf_counter() - start
+        reduce_start = time.perf_counter()
+        distributed.synchronize_layout(stats, modules, model_device(model))
+        distributed.all_reduce_statistics(stats)
+        stats.check_totals()  # the same totals on every rank: all raise alike
+        timings["all_reduce"] = time.perf_counter() - reduce_start
+    else:
+        stats = statistics_pass()
+        timings["statistics"] = time.perf_counter() - start
 
     train_size = config.train_size
     if train_size is None:
@@ -105,8 +134,23 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
             UserWarning,
             stacklevel=3,
         )
-    module_inits = solve_modules(stats, config, train_size)
-    end = time.perf_counter()
+    solve_start = time.perf_counter()
+    backends = {"statistics": stats.backend, "solve": EIGH_BACKEND}
+    if run_distributed:
+        owners = distributed.assign_groups(stats, dist.get_world_size())
+        my_names = [name for name, owner in owners.items() if owner == dist.get_rank()]
+        mine = distributed.run_agreeing("the solves", lambda: solve_modules(stats, config, train_size, my_names))
+        timings["solve"] = time.perf_counter() - solve_start
+        gather_start = time.perf_counter()
+        module_inits = distributed.gather_module_inits(
+            mine, owners, stats, config.rank, model_device(model), config.gather_to
+        )
+        timings["gather"] = time.perf_counter() - gather_start
+        backends["distributed"] = f"torch.distributed ({dist.get_backend()}, {dist.get_world_size()} ranks)"
+    else:
+        module_inits = solve_modules(stats, config, train_size)
+        timings["solve"] = time.perf_counter() - solve_start
+    timings["total"] = time.perf_counter() - start
     return LoraInit(
         modules=module_inits,
         config=config,
@@ -116,16 +160,20 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
         num_batches=stats.num_batches,
         skipped_batches=stats.skipped_batches,
         skipped_samples=stats.skipped_samples,
-        timings={"statistics": statistics_done - start, "solve": end - statistics_done, "total": end - start},
-        backends={"statistics": stats.backend, "solve": EIGH_BACKEND},
+        timings=timings,
+        backends=backends,
     )
 
 
-def solve_modules(stats: KFACStatistics, config: LoraDAConfig, train_size: int) -> Dict[str, ModuleInit]:
-    """Steps 1-7 of SPEC.md for every module; ``Z`` is factored once per input group."""
+def solve_modules(
+    stats: KFACStatistics, config: LoraDAConfig, train_size: int, names: Optional[Iterable[str]] = None
+) -> Dict[str, ModuleInit]:
+    """Steps 1-7 of SPEC.md for every module (or those in ``names``); ``Z`` is
+    factored once per input group."""
     prepared: Dict[int, InputFactor] = {}
     result: Dict[str, ModuleInit] = {}
-    for name, module_stats in stats.modules.items():
+    for name in stats.modules if names is None else names:
+        module_stats = stats.modules[name]
         group_index = module_stats.group_index
         group = stats.groups[group_index]
         if group_index not in prepared:

@@ -42,6 +42,8 @@ class LoraDAConfig:
         stats_backend: who accumulates the statistics: ``"auto"`` (Triton kernels
             on CUDA, the PyTorch reference elsewhere), ``"torch"`` or ``"triton"``.
         progress: show a progress bar during the statistics pass.
+        gather_to: under ``torch.distributed``, the only rank that receives all
+            factors (``None``: every rank does).
     """
 
     rank: int = 8
@@ -56,6 +58,7 @@ class LoraDAConfig:
     preserve_output: bool = False
     seed: int = 0
     progress: bool = True
+    gather_to: Optional[int] = None
     stats_backend: str = "auto"
     loss_fn: Optional[Callable] = field(default=None, compare=False)
 
@@ -89,5 +92,7 @@ class LoraDAConfig:
             raise ValueError(f"token_mask must be a string, None or a callable, got {self.token_mask!r}")
         if self.stats_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"stats_backend must be 'auto', 'torch' or 'triton', got {self.stats_backend!r}")
+        if self.gather_to is not None and (not isinstance(self.gather_to, int) or self.gather_to < 0):
+            raise ValueError(f"gather_to must be a rank (int >= 0) or None, got {self.gather_to!r}")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError("loss_fn must be callable: loss_fn(model, batch) -> per-sample losses")

@@ -262,7 +262,7 @@ class _Collector:
         return hook
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for parameter in model.parameters():
         return parameter.device
     return torch.device("cpu")
@@ -299,7 +299,7 @@ def collect_statistics(
     :func:`lora_da.kernels.dispatch.select_backend`); ``stats.backend`` says which ran.
     """
     loss_fn = loss_fn or causal_lm_per_sample_loss
-    device = _model_device(model)
+    device = model_device(model)
     backend = select_backend(device, stats_backend, _model_dtype(model))
     collector = _Collector(modules, backend)
     stats = collector.stats

@@ -1,0 +1,98 @@
+"""torch.distributed on CPU (gloo), with 2 and 3 spawned processes.
+
+Models are float64 so that only summation order differs between one process
+and several: sigma and eigenvalues agree to 1e-6 relative (expect ~1e-12),
+float32 factors to float32 resolution.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import lora_da
+from lora_da.models import tiny_llama
+
+import distributed_worker as worker
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world: int, scenario: str, tmp_path):
+    mp.start_processes(
+        worker.run, args=(world, free_port(), scenario, str(tmp_path)), nprocs=world, join=True, start_method="fork"
+    )
+    results, errors = {}, {}
+    for rank in range(world):
+        ok, err = tmp_path / f"rank{rank}.pt", tmp_path / f"rank{rank}.err"
+        if ok.exists():
+            results[rank] = torch.load(ok, weights_only=False)
+        if err.exists():
+            errors[rank] = err.read_text().split("\n---\n")[0]
+    return results, errors
+
+
+def single_process(batches):
+    init = lora_da.initialize(
+        tiny_llama(dtype=torch.float64), batches, rank=worker.RANK, train_size=worker.TRAIN_SIZE, progress=False
+    )
+    return worker.summarize(init)
+
+
+def assert_same_init(got, expected, names=None):
+    names = names or expected["modules"].keys()
+    for name in names:
+        a, b, eig, sigma, c = got["modules"][name]
+        ea, eb, eeig, esigma, ec = expected["modules"][name]
+        assert abs(sigma - esigma) <= 1e-6 * esigma, name
+        assert abs(c - ec) <= 1e-6 * ec, name
+        torch.testing.assert_close(eig, eeig, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(a, ea, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, eb, rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_ddp_equal_one_process(tmp_path):
+    results, errors = spawn(2, "even", tmp_path)
+    assert not errors, errors
+    expected = single_process(worker.union("even"))
+    for rank in (0, 1):
+        got = results[rank]
+        assert got["num_samples"] == expected["num_samples"] and got["num_tokens"] == expected["num_tokens"]
+        assert set(got["modules"]) == set(expected["modules"])
+        assert_same_init(got, expected)
+        assert got["backends"]["distributed"] == "torch.distributed (gloo, 2 ranks)"
+
+
+def test_three_uneven_ranks_gather_to_rank0(tmp_path):
+    results, errors = spawn(3, "uneven", tmp_path)
+    assert not errors, errors
+    expected = single_process(worker.all_batches())
+    got = results[0]
+    assert got["skipped_batches"] == 1
+    assert got["num_tokens"] == expected["num_tokens"] and got["num_samples"] == expected["num_samples"]
+    assert set(got["modules"]) == set(expected["modules"])
+    assert_same_init(got, expected)
+    # the other ranks keep only what they solved themselves, and together they solved everything once
+    solved = [set(results[r]["modules"]) for r in (1, 2)]
+    assert not (solved[0] & solved[1]) and solved[0] | solved[1] <= set(expected["modules"])
+    for rank in (1, 2):
+        assert_same_init(results[rank], expected, names=results[rank]["modules"].keys())
+
+
+def test_a_rank_raising_makes_every_rank_raise_the_same(tmp_path):
+    results, errors = spawn(2, "raise", tmp_path)
+    assert not results
+    assert set(errors) == {0, 1}
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("DistributedError: lora-da: rank 1 failed during the statistics pass")
+    assert "boom on rank 1" in errors[0]
