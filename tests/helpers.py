@@ -84,3 +84,39 @@ def principal_angle(a: torch.Tensor, b: torch.Tensor) -> float:
     qb, _ = torch.linalg.qr(b.to(torch.float64))
     cosines = torch.linalg.svdvals(qa.T @ qb).clamp(max=1.0)
     return float(torch.arccos(cosines.min()))
+
+
+def oracle_statistics(model: SharedInputMLP, loader):
+    """G (mean over samples of per-sample gradients), Z and y (means over valid tokens)."""
+    W1a, W1b, W2 = model.fc1a.weight, model.fc1b.weight, model.fc2.weight
+    d_in, d_hidden, d_out = W1a.shape[1], W1a.shape[0], W2.shape[0]
+    Z1 = torch.zeros(d_in, d_in, dtype=torch.float64)
+    Z2 = torch.zeros(d_hidden, d_hidden, dtype=torch.float64)
+    y = {name: torch.zeros(W.shape[0], dtype=torch.float64) for name, W in (("fc1a", W1a), ("fc1b", W1b), ("fc2", W2))}
+    G = {name: torch.zeros_like(W) for name, W in (("fc1a", W1a), ("fc1b", W1b), ("fc2", W2))}
+    tokens = samples = 0
+    with torch.no_grad():
+        for batch in loader:
+            for i in range(batch["x"].shape[0]):
+                valid = [t for t in range(batch["x"].shape[1]) if batch["attention_mask"][i, t] == 1]
+                if not valid:
+                    continue
+                samples += 1
+                for t in valid:
+                    x = batch["x"][i, t]
+                    pre = model.fc1a(x) + model.fc1b(x)
+                    h = torch.tanh(pre)
+                    out = model.fc2(h)
+                    g_out = (out - batch["target"][i, t]) / len(valid)  # d ℓ_i / d out_t
+                    g_pre = (W2.T @ g_out) * (1 - h**2)  # d ℓ_i / d (fc1a(x)) = d ℓ_i / d (fc1b(x))
+                    tokens += 1
+                    Z1 += torch.outer(x, x)
+                    Z2 += torch.outer(h, h)
+                    y["fc1a"] += g_pre**2
+                    y["fc1b"] += g_pre**2
+                    y["fc2"] += g_out**2
+                    G["fc1a"] += torch.outer(g_pre, x)
+                    G["fc1b"] += torch.outer(g_pre, x)
+                    G["fc2"] += torch.outer(g_out, h)
+    Z = {"fc1a": Z1 / tokens, "fc1b": Z1 / tokens, "fc2": Z2 / tokens}
+    return {k: v / samples for k, v in G.items()}, Z, {k: v / tokens for k, v in y.items()}, samples, tokens

@@ -100,8 +100,37 @@ def test_nan_statistic_names_the_module():
     data[0]["x"][0, 0, 0] = float("inf")
     data[0]["attention_mask"][0, 0] = 0  # masked out: the loss ignores this token, Z's product does not (inf * 0)
     before = model_fingerprint(model)
-    with pytest.raises(FloatingPointError, match="input factor Z of module 'fc1a'"):
+    with pytest.raises(FloatingPointError, match=r"NaN/Inf in the input of module 'fc1a' \(shared by \['fc1a', 'fc1b'\]\) in batch 0"):
         lora_da.initialize(model, data, rank=2, target_modules=["fc1a", "fc1b", "fc2"], loss_fn=regression_loss, progress=False)
+    assert_same_fingerprint(before, model_fingerprint(model))
+
+
+def test_overflowing_gradient_names_module_and_batch():
+    """fp16-style overflow in an output gradient (Inf) is caught after its batch."""
+
+    class Blowup(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    model = SharedInputMLP()
+    calls = []
+
+    def loss(model, batch):
+        calls.append(1)
+        out = model.fc2(Blowup.apply(model.hidden(batch["x"]))) if len(calls) == 2 else model(batch["x"])
+        mask = batch["attention_mask"].bool()
+        token_loss = (0.5 * (out - batch["target"]) ** 2).sum(-1).masked_fill(~mask, 0.0)
+        counts = mask.sum(1)
+        return (token_loss.sum(1) / counts.clamp(min=1))[counts > 0]
+
+    before = model_fingerprint(model)
+    with pytest.raises(FloatingPointError, match="NaN/Inf in the output gradient of module 'fc1a' in batch 1"):
+        lora_da.initialize(model, regression_batches(), rank=2, target_modules=["fc1a", "fc2"], loss_fn=loss, progress=False)
     assert_same_fingerprint(before, model_fingerprint(model))
 
 

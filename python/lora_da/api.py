@@ -38,6 +38,8 @@ def initialize(
     progress: bool = True,
     stats_backend: str = "auto",
     gather_to: Optional[int] = None,
+    stats_checkpoint: Optional[str] = None,
+    checkpoint_every: int = 50,
 ) -> LoraInit:
     """Compute LoRA-DA's data-aware LoRA initialization of ``model``.
 
@@ -83,6 +85,8 @@ def initialize(
         loss_fn=loss_fn,
         stats_backend=stats_backend,
         gather_to=gather_to,
+        stats_checkpoint=stats_checkpoint,
+        checkpoint_every=checkpoint_every,
     )
     return initialize_from_config(model, loader, config)
 
@@ -98,6 +102,9 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
     model = distributed.unwrap_model(model)
     modules = find_target_modules(model, config.target_modules, config.rank)
     run_distributed = distributed.is_active()
+    checkpoint_path = config.stats_checkpoint
+    if checkpoint_path is not None and run_distributed:
+        checkpoint_path = f"{checkpoint_path}.rank{dist.get_rank()}"
 
     def statistics_pass() -> KFACStatistics:
         return collect_statistics(
@@ -110,6 +117,8 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
             progress=config.progress,
             stats_backend=config.stats_backend,
             check_totals=not run_distributed,
+            stats_checkpoint=checkpoint_path,
+            checkpoint_every=config.checkpoint_every,
         )
 
     timings: Dict[str, float] = {}

@@ -44,6 +44,11 @@ class LoraDAConfig:
         progress: show a progress bar during the statistics pass.
         gather_to: under ``torch.distributed``, the only rank that receives all
             factors (``None``: every rank does).
+        stats_checkpoint: a file where the statistics pass saves its sums
+            (atomically, every ``checkpoint_every`` batches and at the end) and
+            from which a rerun with the same arguments resumes. Under
+            ``torch.distributed`` each rank uses ``PATH.rank<k>``.
+        checkpoint_every: batches between two checkpoints.
     """
 
     rank: int = 8
@@ -59,6 +64,8 @@ class LoraDAConfig:
     seed: int = 0
     progress: bool = True
     gather_to: Optional[int] = None
+    stats_checkpoint: Optional[str] = None
+    checkpoint_every: int = 50
     stats_backend: str = "auto"
     loss_fn: Optional[Callable] = field(default=None, compare=False)
 
@@ -94,5 +101,7 @@ class LoraDAConfig:
             raise ValueError(f"stats_backend must be 'auto', 'torch' or 'triton', got {self.stats_backend!r}")
         if self.gather_to is not None and (not isinstance(self.gather_to, int) or self.gather_to < 0):
             raise ValueError(f"gather_to must be a rank (int >= 0) or None, got {self.gather_to!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be a positive int, got {self.checkpoint_every!r}")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError("loss_fn must be callable: loss_fn(model, batch) -> per-sample losses")

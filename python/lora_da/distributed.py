@@ -27,6 +27,7 @@ from torch import nn
 
 from .result import ModuleInit
 from .statistics import InputGroup, KFACStatistics, ModuleStatistics
+from .targets import linear_dims
 
 T = TypeVar("T")
 
@@ -103,7 +104,7 @@ def synchronize_layout(stats: KFACStatistics, modules: Dict[str, nn.Linear], dev
             InputGroup(members=tuple(members), input_factor_sum=torch.zeros(d_in, d_in, dtype=dtype, device=device))
         )
         for name in members:
-            d_out = modules[name].out_features
+            d_out = linear_dims(modules[name])[1]
             stats.modules[name] = ModuleStatistics(
                 name=name,
                 group_index=index,

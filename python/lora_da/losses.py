@@ -50,6 +50,17 @@ def token_mask_for(batch: Any, mode: Any) -> Optional[torch.Tensor]:
     return mask
 
 
+def as_causal_lm_batch(batch: Any) -> Any:
+    """Dict-like batches pass through; a tuple/list is read as ``(input_ids, labels)``
+    or ``(input_ids, attention_mask, labels)``."""
+    if isinstance(batch, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in batch):
+        if len(batch) == 2:
+            return {"input_ids": batch[0], "labels": batch[1]}
+        if len(batch) == 3:
+            return {"input_ids": batch[0], "attention_mask": batch[1], "labels": batch[2]}
+    return batch
+
+
 def model_inputs(batch: Mapping) -> dict:
     """Keyword arguments for the model: the batch without ``labels`` (we compute the loss)."""
     return {key: value for key, value in batch.items() if key != "labels"}
@@ -74,8 +85,9 @@ def causal_lm_per_sample_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """
     if not isinstance(batch, Mapping) or "labels" not in batch:
         raise ValueError(
-            "the default causal-LM loss needs dict-like batches with 'labels' "
-            "(use -100 for tokens without loss), or pass loss_fn(model, batch) -> per-sample losses"
+            "the default causal-LM loss needs dict-like batches with 'labels' (use -100 for tokens "
+            "without loss), or (input_ids, [attention_mask,] labels) tuples, or pass "
+            "loss_fn(model, batch) -> per-sample losses"
         )
     labels = batch["labels"]
     logits = logits_of(model(**model_inputs(batch)))

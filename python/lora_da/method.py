@@ -11,9 +11,12 @@ diagonal output factor ``y``:
 6. ``B₀ = A₀ᵀ Δ̂``
 7. ``lora_A = A₀ᵀ/√γ``, ``lora_B = B₀ᵀ/√γ``
 
-Damping rule for ``Z``: the Cholesky factorization of ``Z_raw + λ_k I`` is tried
-with ``λ_k = λ·10^k``, k = 0, 1, …, 8; the first that succeeds is used (and
-reported, with a warning when k > 0). ``y`` is always damped with the original λ.
+Damping rule for ``Z`` (float64): the Cholesky factorization of ``Z_raw + λ_k I``
+is tried with ``λ_0 = λ`` and then ``λ_k = max(λ, 1e-12·tr(Z_raw)/d_in)·10^k``,
+k = 1, …, 8; the first that succeeds is used (reported per module, with a
+warning when k > 0). The scale-aware floor makes a tiny user λ escalate to
+something a rank-deficient ``Z`` (dead features, fewer tokens than d_in) can
+bear. ``y`` is always damped with the original λ.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ def prepare_input_factor(input_factor_raw: torch.Tensor, damping: float, name: s
     z_raw = input_factor_raw.to(torch.float64)
     z_raw = 0.5 * (z_raw + z_raw.T)
     eye = torch.eye(z_raw.shape[0], dtype=torch.float64, device=z_raw.device)
+    floor = max(damping, 1e-12 * float(torch.diagonal(z_raw).mean()))
     for k in range(MAX_DAMPING_ESCALATIONS + 1):
-        used = damping * 10.0**k
+        used = damping if k == 0 else floor * 10.0**k
         cholesky, info = torch.linalg.cholesky_ex(z_raw + used * eye)
         if int(info) == 0 and torch.isfinite(cholesky).all():
             if k > 0:
@@ -56,7 +60,7 @@ def prepare_input_factor(input_factor_raw: torch.Tensor, damping: float, name: s
             return InputFactor(cholesky=cholesky, inverse=torch.cholesky_inverse(cholesky), damping=used)
     raise FloatingPointError(
         f"input factor Z of module '{name}' is not positive definite even with damping "
-        f"{damping * 10.0**MAX_DAMPING_ESCALATIONS:g}"
+        f"{used:g} (is it NaN, or far from symmetric positive semi-definite?)"
     )
 
 

@@ -70,6 +70,8 @@ def apply_to_peft_model(init: "LoraInit", peft_model: nn.Module, adapter_name: s
                 scaling = float(layer.scaling[adapter_name])
                 # The adapted layer will add s·B·A computed from the stored (cast) factors.
                 delta = scaling * (b_param.to(torch.float32) @ a_param.to(torch.float32))
+                if getattr(layer, "fan_in_fan_out", False):  # GPT-2 Conv1D stores W as d_in x d_out
+                    delta = delta.T
                 base.copy_((base.to(torch.float32) - delta.to(base.device)).to(base.dtype))
 
 

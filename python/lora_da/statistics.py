@@ -29,8 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .kernels.dispatch import TORCH_BACKEND, StatisticsBackend, select_backend
-from .losses import causal_lm_per_sample_loss, move_to_device, token_mask_for
+from .checkpoint import StatisticsCheckpoint, statistics_fingerprint
+from .losses import as_causal_lm_batch, causal_lm_per_sample_loss, move_to_device, token_mask_for
 from .model_state import preserved_model_state
+from .targets import linear_dims
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +152,47 @@ class _Collector:
         self.token_weights = token_weights
         self.anchor = torch.zeros((), device=device, requires_grad=True)
 
+    def check_batch_finite(self, batch_index: int) -> None:
+        """Raise on NaN/Inf that entered the sums in this batch, naming module and batch.
+
+        A NaN/Inf input shows on Z's diagonal (Σ m a²), a NaN/Inf output gradient
+        on y (Σ m g²); fp16/bf16 overflow shows as Inf. One host sync per batch.
+        """
+        groups, modules = self.stats.groups, list(self.stats.modules.values())
+        flags = [torch.isfinite(torch.diagonal(g.input_factor_sum)).all() for g in groups]
+        flags += [torch.isfinite(m.output_factor_diag_sum).all() for m in modules]
+        flags = torch.stack(flags)
+        if bool(flags.all()):
+            return
+        first = int((~flags).nonzero()[0])
+        if first < len(groups):
+            members = groups[first].members
+            raise FloatingPointError(
+                f"NaN/Inf in the input of module '{members[0]}' (shared by {list(members)}) in batch {batch_index}"
+            )
+        raise FloatingPointError(
+            f"NaN/Inf in the output gradient of module '{modules[first - len(groups)].name}' in batch {batch_index}"
+        )
+
+    def state(self) -> dict:
+        """The sums and counts, for a checkpoint."""
+        st = self.stats
+        return {
+            "groups": [(g.members, g.input_factor_sum) for g in st.groups],
+            "modules": [(m.name, m.group_index, m.grad_sum, m.output_factor_diag_sum) for m in st.modules.values()],
+            "counts": (st.num_samples, st.num_tokens, st.num_batches, st.skipped_batches, st.skipped_samples),
+        }
+
+    def restore(self, state: dict) -> None:
+        st = self.stats
+        st.groups = [InputGroup(members=tuple(members), input_factor_sum=z) for members, z in state["groups"]]
+        st.modules = {
+            name: ModuleStatistics(name=name, group_index=index, grad_sum=g, output_factor_diag_sum=y)
+            for name, index, g, y in state["modules"]
+        }
+        self.group_of = {name: index for name, index, _, _ in state["modules"]}
+        (st.num_samples, st.num_tokens, st.num_batches, st.skipped_batches, st.skipped_samples) = state["counts"]
+
     def end_batch(self, batch_index: int) -> None:
         for name in self.modules:
             if name not in self.live_by_module:
@@ -182,18 +225,19 @@ class _Collector:
     def _on_forward(self, name, module, args, kwargs, output):
         if self.anchor is None:  # a forward outside our pass (should not happen)
             return None
+        d_in, d_out = linear_dims(module)
         if name in self.live_by_module:
             raise RuntimeError(
                 f"target module '{name}' was called more than once in one forward pass "
                 "(weight sharing or activation checkpointing is not supported)"
             )
         inputs = args[0] if args else kwargs.get("input")
-        if not isinstance(inputs, torch.Tensor) or inputs.shape[-1] != module.in_features:
+        if not isinstance(inputs, torch.Tensor) or inputs.shape[-1] != d_in:
             shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-            raise ValueError(f"module '{name}' got input {shape}, expected last dimension {module.in_features}")
+            raise ValueError(f"module '{name}' got input {shape}, expected last dimension {d_in}")
         if not inputs.is_floating_point():
             raise TypeError(f"module '{name}' got a {inputs.dtype} input; LoRA-DA needs floating-point activations")
-        rows = inputs.numel() // module.in_features
+        rows = inputs.numel() // d_in
         if self.token_weights is not None and rows != self.token_weights.numel():
             raise ValueError(
                 f"module '{name}' got input of shape {tuple(inputs.shape)} ({rows} tokens) but the "
@@ -207,7 +251,7 @@ class _Collector:
         live = self.live_by_key.get(key)
         if live is None:
             group_index = self.group_of.get(name)
-            flat = inputs.detach().reshape(-1, module.in_features)
+            flat = inputs.detach().reshape(-1, d_in)
             if group_index is None:  # first batch: a new group starts with this module
                 group_index = len(self.stats.groups)
                 dtype = _accumulator_dtype(inputs.dtype)
@@ -215,7 +259,7 @@ class _Collector:
                     InputGroup(
                         members=(),
                         input_factor_sum=torch.zeros(
-                            module.in_features, module.in_features, dtype=dtype, device=inputs.device
+                            d_in, d_in, dtype=dtype, device=inputs.device
                         ),
                     )
                 )
@@ -232,15 +276,15 @@ class _Collector:
             self.stats.modules[name] = ModuleStatistics(
                 name=name,
                 group_index=live.group_index,
-                grad_sum=torch.zeros(module.out_features, module.in_features, dtype=dtype, device=inputs.device),
-                output_factor_diag_sum=torch.zeros(module.out_features, dtype=dtype, device=inputs.device),
+                grad_sum=torch.zeros(d_out, d_in, dtype=dtype, device=inputs.device),
+                output_factor_diag_sum=torch.zeros(d_out, dtype=dtype, device=inputs.device),
             )
         live.members.append(name)
         live.pending += 1
         self.live_by_module[name] = live
 
         anchored = output + self.anchor.to(output.dtype)
-        anchored.register_hook(self._gradient_hook(name, module.out_features))
+        anchored.register_hook(self._gradient_hook(name, d_out))
         return anchored
 
     def _gradient_hook(self, name: str, out_features: int):
@@ -286,6 +330,8 @@ def collect_statistics(
     progress: bool = False,
     check_totals: bool = True,
     stats_backend: str = "auto",
+    stats_checkpoint: Optional[str] = None,
+    checkpoint_every: int = 50,
 ) -> KFACStatistics:
     """Run one hooked forward+backward per batch of ``loader`` and return the sums.
 
@@ -297,6 +343,9 @@ def collect_statistics(
     whose share of a distributed loader may be empty).
     ``stats_backend``: ``"auto"``, ``"torch"`` or ``"triton"`` (see
     :func:`lora_da.kernels.dispatch.select_backend`); ``stats.backend`` says which ran.
+    ``stats_checkpoint``/``checkpoint_every``: save the sums atomically every K
+    batches and resume from them (see :mod:`lora_da.checkpoint`).
+    NaN/Inf entering the sums is reported after the batch that brought it.
     """
     loss_fn = loss_fn or causal_lm_per_sample_loss
     device = model_device(model)
@@ -310,6 +359,16 @@ def collect_statistics(
         total = None
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
+    checkpoint = None
+    resume_from = 0
+    if stats_checkpoint is not None:
+        fingerprint = statistics_fingerprint(model, modules, token_mask, loss_fn, backend.name)
+        checkpoint = StatisticsCheckpoint(stats_checkpoint, checkpoint_every, fingerprint)
+        saved = checkpoint.load(device)
+        if saved is not None:
+            collector.restore(saved)
+            resume_from = stats.num_batches
+            logger.info("resuming the statistics pass after batch %d from %s", resume_from, stats_checkpoint)
 
     with preserved_model_state(model) as handles, torch.enable_grad():
         model.eval()
@@ -323,9 +382,13 @@ def collect_statistics(
             for batch_index, batch in enumerate(loader):
                 if max_batches is not None and batch_index >= max_batches:
                     break
-                stats.num_batches += 1
                 bar.update(1)
+                if batch_index < resume_from:
+                    continue  # already in the checkpoint
+                stats.num_batches += 1
                 batch = move_to_device(batch, device)
+                if loss_fn is causal_lm_per_sample_loss:
+                    batch = as_causal_lm_batch(batch)
                 mask = token_mask_for(batch, token_mask)
                 weights = None
                 if mask is not None:
@@ -334,6 +397,7 @@ def collect_statistics(
                     if batch_tokens == 0:
                         stats.skipped_batches += 1
                         logger.info("batch %d: the token mask keeps no token; skipped", batch_index)
+                        _maybe_checkpoint(checkpoint, collector)
                         continue
                 collector.start_batch(weights, device)
                 losses = loss_fn(model, batch)
@@ -352,19 +416,28 @@ def collect_statistics(
                 if weights is None:
                     batch_tokens = collector.batch_rows
                 collector.end_batch(batch_index)
+                collector.check_batch_finite(batch_index)
                 stats.num_tokens += batch_tokens
                 stats.num_samples += losses.numel()
                 stats.skipped_samples += _batch_size(batch) - losses.numel() if loss_fn is causal_lm_per_sample_loss else 0
                 bar.set_postfix(tokens=stats.num_tokens, refresh=False)
+                _maybe_checkpoint(checkpoint, collector)
         finally:
             bar.close()
             collector._reset_batch()
 
+    if checkpoint is not None and stats.num_batches > resume_from:
+        checkpoint.save(collector.state())  # before finalize: the state of a pass in progress
     for group in stats.groups:  # e.g. mirror the Triton kernel's upper triangle, once per pass
         backend.finalize_input_factor(group.input_factor_sum)
     if check_totals:
         stats.check_totals()
     return stats
+
+
+def _maybe_checkpoint(checkpoint: Optional[StatisticsCheckpoint], collector: _Collector) -> None:
+    if checkpoint is not None and collector.stats.num_batches % checkpoint.every == 0:
+        checkpoint.save(collector.state())
 
 
 def _batch_size(batch: Any) -> int:

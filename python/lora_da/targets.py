@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 import re
-from typing import Dict
+from typing import Dict, Tuple
 
 from torch import nn
 
 from .config import TargetModules
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D``: ``y = x @ W + b`` with ``W`` of shape ``d_in x d_out``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` (and subclasses such as bitsandbytes' quantized linears) or a GPT-2 ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_dims(module: nn.Module) -> Tuple[int, int]:
+    """``(d_in, d_out)`` of a linear-like module, whatever its weight layout (never reads the weight's values)."""
+    if is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.nf)
+    return int(module.in_features), int(module.out_features)
+
+
+def peft_base_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """For a model already wrapped by PEFT: ``{name: base layer}`` of its LoRA
+    layers, named without PEFT's ``base_model.model.`` prefix."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and hasattr(module, "get_base_layer"):
+            clean = name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+            layers[clean] = module.get_base_layer()
+    return layers
+
+
+PEFT_PREFIX = "base_model.model."
 
 
 def _output_head(model: nn.Module):
@@ -29,9 +60,11 @@ def _matches(name: str, target_modules: TargetModules) -> bool:
 def find_target_modules(model: nn.Module, target_modules: TargetModules, rank: int) -> Dict[str, nn.Linear]:
     """Return ``{name: module}`` of the ``nn.Linear`` modules to initialize.
 
-    ``None`` selects every ``nn.Linear`` except the output head
-    (``model.get_output_embeddings()`` when the model defines it). A list of
+    ``None`` selects every ``nn.Linear`` (and GPT-2 ``Conv1D``) except the output
+    head (``model.get_output_embeddings()`` when the model defines it). A list of
     names uses PEFT's suffix rule; a string is a full-match regular expression.
+    On a model already wrapped by PEFT, the candidates are its LoRA layers (their
+    base layers are hooked), named without the ``base_model.model.`` prefix.
     Raises ``ValueError`` when nothing matches, when a matched module is not an
     ``nn.Linear``, or when ``rank`` exceeds ``min(d_in, d_out)`` of a module.
     """
@@ -40,18 +73,21 @@ def find_target_modules(model: nn.Module, target_modules: TargetModules, rank: i
         if not target_modules or not all(isinstance(t, str) for t in target_modules):
             raise ValueError(f"target_modules must be None, a regex string or a non-empty list of names, got {target_modules!r}")
     head = _output_head(model)
-    found: Dict[str, nn.Linear] = {}
-    for name, module in model.named_modules():
-        if not name:
-            continue
+    peft_layers = peft_base_layers(model)
+    if peft_layers:  # a PEFT model: initialize its LoRA layers, hooking their base layers
+        candidates = list(peft_layers.items())
+    else:
+        candidates = [(name, module) for name, module in model.named_modules() if name]
+    found: Dict[str, nn.Module] = {}
+    for name, module in candidates:
         if target_modules is None:
-            if isinstance(module, nn.Linear) and module is not head:
+            if is_linear_like(module) and module is not head:
                 found[name] = module
         elif _matches(name, target_modules):
-            if not isinstance(module, nn.Linear):
+            if not is_linear_like(module):
                 raise ValueError(
                     f"target module '{name}' is a {type(module).__name__}, not an nn.Linear; "
-                    "LoRA-DA initializes nn.Linear modules only"
+                    "LoRA-DA initializes nn.Linear (and GPT-2 Conv1D) modules only"
                 )
             found[name] = module
     if not found:
@@ -59,10 +95,10 @@ def find_target_modules(model: nn.Module, target_modules: TargetModules, rank: i
             f"no module of {type(model).__name__} matched target_modules={target_modules!r}"
         )
     for name, module in found.items():
-        limit = min(module.in_features, module.out_features)
-        if rank > limit:
+        d_in, d_out = linear_dims(module)
+        if rank > min(d_in, d_out):
             raise ValueError(
-                f"rank={rank} exceeds min(d_in, d_out)={limit} of module '{name}' "
-                f"(weight {module.out_features} x {module.in_features})"
+                f"rank={rank} exceeds min(d_in, d_out)={min(d_in, d_out)} of module '{name}' "
+                f"(d_in {d_in}, d_out {d_out})"
             )
     return found
