@@ -3,14 +3,60 @@
 #include "cpu_backend.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <thread>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "host_lapack.hpp"
 
+extern "C" {
+void scipy_openblas_set_num_threads(int);
+int scipy_openblas_get_num_threads(void);
+}
+
 namespace lora_da {
+
+OpenblasThreadsGuard::OpenblasThreadsGuard(int threads) : previous_(scipy_openblas_get_num_threads()) {
+  scipy_openblas_set_num_threads(threads);
+}
+OpenblasThreadsGuard::~OpenblasThreadsGuard() { scipy_openblas_set_num_threads(previous_); }
+int OpenblasThreadsGuard::current() { return scipy_openblas_get_num_threads(); }
+
+template <typename T>
+template <typename Body>
+void CpuBackend<T>::for_each_problem(const Batch& batch, Body&& body) {
+  std::vector<int> problems;
+  for (int p = 0; p < batch.count; ++p)
+    if (batch.is_active(p)) problems.push_back(p);
+  const int threads = std::min<int>(workers_, int(problems.size()));
+  if (threads <= 1) {
+    for (int p : problems) body(p);
+    return;
+  }
+  std::atomic<int> next{0};
+  std::exception_ptr failure;
+  std::mutex failure_mutex;
+  auto work = [&]() {
+    for (int i = next++; i < int(problems.size()); i = next++) {
+      try {
+        body(problems[i]);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(failure_mutex);
+        if (!failure) failure = std::current_exception();
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& thread : pool) thread.join();
+  if (failure) std::rethrow_exception(failure);
+}
 
 namespace {
 
@@ -87,43 +133,37 @@ void CpuBackend<T>::from_host(T* data, const double* host, std::size_t count) {
 template <typename T>
 void CpuBackend<T>::copy_block(int rows, int cols, const T* src, int ld_src, std::int64_t stride_src, T* dst,
                                int ld_dst, std::int64_t stride_dst, const Batch& batch) {
-  for (int b = 0; b < batch.count; ++b) {
-    if (!batch.is_active(b)) continue;
+  for_each_problem(batch, [&](int b) {
     const T* s = src + b * stride_src;
     T* d = dst + b * stride_dst;
-    if (s == d && ld_src == ld_dst) continue;
+    if (s == d && ld_src == ld_dst) return;
     for (int j = 0; j < cols; ++j) std::memmove(d + std::int64_t(j) * ld_dst, s + std::int64_t(j) * ld_src, sizeof(T) * rows);
-  }
+  });
 }
 
 template <typename T>
 void CpuBackend<T>::gemm(char trans_a, char trans_b, int m, int n, int k, T alpha, const T* a, int lda,
                          std::int64_t stride_a, const T* b, int ldb, std::int64_t stride_b, T beta, T* c, int ldc,
                          std::int64_t stride_c, const Batch& batch) {
-  for (int p = 0; p < batch.count; ++p) {
-    if (!batch.is_active(p)) continue;
+  for_each_problem(batch, [&](int p) {
     host_gemm(trans_a, trans_b, m, n, k, alpha, a + p * stride_a, lda, b + p * stride_b, ldb, beta, c + p * stride_c,
               ldc);
-  }
+  });
 }
 
 template <typename T>
 void CpuBackend<T>::trsm_left(char uplo, char trans, int m, int n, const double* alpha_per_problem, const T* a,
                               int lda, std::int64_t stride_a, T* b, int ldb, std::int64_t stride_b,
                               const Batch& batch) {
-  for (int p = 0; p < batch.count; ++p) {
-    if (!batch.is_active(p)) continue;
+  for_each_problem(batch, [&](int p) {
     host_trsm_left(uplo, trans, m, n, T(alpha_per_problem[p]), a + p * stride_a, lda, b + p * stride_b, ldb);
-  }
+  });
 }
 
 template <typename T>
 void CpuBackend<T>::syevd(int n, T* a, int lda, std::int64_t stride_a, T* w, std::int64_t stride_w,
                           const Batch& batch) {
-  for (int p = 0; p < batch.count; ++p) {
-    if (!batch.is_active(p)) continue;
-    host_syevd(n, a + p * stride_a, lda, w + p * stride_w);
-  }
+  for_each_problem(batch, [&](int p) { host_syevd(n, a + p * stride_a, lda, w + p * stride_w); });
 }
 
 template class CpuBackend<float>;

@@ -5,9 +5,13 @@
 
 namespace lora_da {
 
+// Problems of a batch run concurrently on `workers` threads, each calling
+// single-threaded BLAS (OpenBLAS's own threading is inefficient for the tall,
+// skinny products LOBPCG makes); with one worker OpenBLAS threads each call.
 template <typename T>
 class CpuBackend final : public Backend<T> {
  public:
+  explicit CpuBackend(int workers = 1) : workers_(workers < 1 ? 1 : workers) {}
   std::string name() const override { return "cpu-openblas"; }
   T* allocate(std::size_t count) override;
   void release(T* data) noexcept override;
@@ -22,6 +26,24 @@ class CpuBackend final : public Backend<T> {
                  std::int64_t stride_a, T* b, int ldb, std::int64_t stride_b, const Batch& batch) override;
   void syevd(int n, T* a, int lda, std::int64_t stride_a, T* w, std::int64_t stride_w, const Batch& batch) override;
   void synchronize() override {}
+
+ private:
+  template <typename Body>
+  void for_each_problem(const Batch& batch, Body&& body);
+  int workers_;
+};
+
+// Sets OpenBLAS to `threads` threads for its lifetime (restoring the previous count).
+class OpenblasThreadsGuard {
+ public:
+  explicit OpenblasThreadsGuard(int threads);
+  ~OpenblasThreadsGuard();
+  OpenblasThreadsGuard(const OpenblasThreadsGuard&) = delete;
+  OpenblasThreadsGuard& operator=(const OpenblasThreadsGuard&) = delete;
+  static int current();
+
+ private:
+  int previous_;
 };
 
 extern template class CpuBackend<float>;
