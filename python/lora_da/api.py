@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .config import LoraDAConfig, TargetModules, TokenMask
-from .method import InputFactor, lora_da_factors, prepare_input_factor
+from .method import InputFactor, PreparedModule, finish_module, lora_da_factors, prepare_input_factor, prepare_module
 from .result import LoraInit, ModuleInit
-from .solvers import EIGH_BACKEND
+from .solvers import EIGH_BACKEND, LoraDAOperator, lobpcg
 from .statistics import KFACStatistics, collect_statistics
 from .targets import find_target_modules
 
@@ -34,6 +34,7 @@ def initialize(
     preserve_output: bool = False,
     seed: int = 0,
     progress: bool = True,
+    solver: str = "auto",
 ) -> LoraInit:
     """Compute LoRA-DA's data-aware LoRA initialization of ``model``.
 
@@ -72,6 +73,7 @@ def initialize(
         seed=seed,
         progress=progress,
         loss_fn=loss_fn,
+        solver=solver,
     )
     return initialize_from_config(model, loader, config)
 
@@ -100,7 +102,7 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
             UserWarning,
             stacklevel=3,
         )
-    module_inits = solve_modules(stats, config, train_size)
+    module_inits, solve_backend = solve_modules(stats, config, train_size)
     end = time.perf_counter()
     return LoraInit(
         modules=module_inits,
@@ -112,40 +114,92 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
         skipped_batches=stats.skipped_batches,
         skipped_samples=stats.skipped_samples,
         timings={"statistics": statistics_done - start, "solve": end - statistics_done, "total": end - start},
-        backends={"statistics": "torch", "solve": EIGH_BACKEND},
+        backends={"statistics": "torch", "solve": solve_backend},
     )
 
 
-def solve_modules(stats: KFACStatistics, config: LoraDAConfig, train_size: int) -> Dict[str, ModuleInit]:
-    """Steps 1-7 of SPEC.md for every module; ``Z`` is factored once per input group."""
-    prepared: Dict[int, InputFactor] = {}
-    result: Dict[str, ModuleInit] = {}
+def solve_modules(
+    stats: KFACStatistics, config: LoraDAConfig, train_size: int
+) -> Tuple[Dict[str, ModuleInit], str]:
+    """Steps 1-7 of SPEC.md for every module; ``Z`` is factored once per input group.
+
+    With ``config.solver == "auto"`` the eigenproblems of all modules of one
+    shape ``(d_in, d_out)`` are solved in one batched LOBPCG call on the
+    operator form of Ω (``lora_da.solvers.LoraDAOperator``); with ``"eigh"``
+    each Ω is formed and decomposed densely. Returns the module inits and the
+    name of the solver backend that ran.
+    """
+    prepared_factors: Dict[int, InputFactor] = {}
+    input_factors: Dict[str, InputFactor] = {}
     for name, module_stats in stats.modules.items():
         group_index = module_stats.group_index
-        group = stats.groups[group_index]
-        if group_index not in prepared:
-            prepared[group_index] = prepare_input_factor(stats.input_factor(name), config.damping, name)
-        input_factor = prepared[group_index]
-        factors = lora_da_factors(
-            name,
-            stats.gradient(name),
-            input_factor,
-            stats.output_factor_diag(name),
-            rank=config.rank,
-            alpha=config.alpha,
-            beta=config.beta,
-            gamma=config.gamma,
-            damping=config.damping,
-            train_size=train_size,
-        )
-        result[name] = ModuleInit(
+        if group_index not in prepared_factors:
+            prepared_factors[group_index] = prepare_input_factor(stats.input_factor(name), config.damping, name)
+        input_factors[name] = prepared_factors[group_index]
+
+    def module_init(name: str, factors) -> ModuleInit:
+        return ModuleInit(
             name=name,
             lora_A=factors.lora_A,
             lora_B=factors.lora_B,
             eigenvalues=factors.eigenvalues,
             sigma=factors.sigma,
             variance_scale=factors.variance_scale,
-            damping=input_factor.damping,
-            input_group=group.members,
+            damping=input_factors[name].damping,
+            input_group=stats.groups[stats.modules[name].group_index].members,
         )
-    return result
+
+    result: Dict[str, ModuleInit] = {}
+    if config.solver == "eigh":
+        for name in stats.modules:
+            factors = lora_da_factors(
+                name,
+                stats.gradient(name),
+                input_factors[name],
+                stats.output_factor_diag(name),
+                rank=config.rank,
+                alpha=config.alpha,
+                beta=config.beta,
+                gamma=config.gamma,
+                damping=config.damping,
+                train_size=train_size,
+            )
+            result[name] = module_init(name, factors)
+        return result, EIGH_BACKEND
+
+    prepared: Dict[str, PreparedModule] = {}
+    shapes: Dict[Tuple[int, int], List[str]] = {}
+    for name in stats.modules:
+        prepared[name] = prepare_module(
+            name,
+            stats.gradient(name),
+            input_factors[name],
+            stats.output_factor_diag(name),
+            damping=config.damping,
+            train_size=train_size,
+        )
+        shapes.setdefault(tuple(prepared[name].delta_hat.shape), []).append(name)
+    backends = set()
+    for names in shapes.values():
+        operator = LoraDAOperator(
+            delta=torch.stack([prepared[name].delta_hat for name in names]),
+            cholesky=torch.stack([input_factors[name].cholesky for name in names]),
+            alpha=config.alpha,
+            variance_scale=[config.beta * prepared[name].variance_scale for name in names],
+        )
+        solution = lobpcg(operator, config.rank, seed=config.seed)
+        if not bool(solution.converged.all()):
+            failed = [name for name, ok in zip(names, solution.converged.tolist()) if not ok]
+            warnings.warn(
+                f"LOBPCG did not converge within {int(solution.iterations.max())} iterations for {failed}; "
+                "their eigenvectors may be inaccurate (use solver='eigh')",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        backends.add(solution.backend)
+        for index, name in enumerate(names):
+            factors = finish_module(
+                name, prepared[name], solution.eigenvalues[index], solution.eigenvectors[index], gamma=config.gamma
+            )
+            result[name] = module_init(name, factors)
+    return {name: result[name] for name in stats.modules}, ", ".join(sorted(backends))

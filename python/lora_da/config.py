@@ -39,6 +39,10 @@ class LoraDAConfig:
         preserve_output: subtract ``s·lora_B·lora_A`` from the base weight in
             :meth:`LoraInit.apply` so the model's output is unchanged at init.
         seed: seed for any randomized step (solver start vectors).
+        solver: eigensolver for Ω's r smallest eigenpairs: ``"auto"`` (the
+            compiled batched LOBPCG on the operator form of Ω, all same-shape
+            modules in one call) or ``"eigh"`` (dense ``torch.linalg.eigh`` in
+            float64, the oracle).
         progress: show a progress bar during the statistics pass.
     """
 
@@ -54,9 +58,12 @@ class LoraDAConfig:
     preserve_output: bool = False
     seed: int = 0
     progress: bool = True
+    solver: str = "auto"
     loss_fn: Optional[Callable] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if self.solver not in ("auto", "eigh"):
+            raise ValueError(f"solver must be 'auto' or 'eigh', got {self.solver!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
         for name in ("alpha", "beta", "gamma", "damping"):

@@ -94,6 +94,58 @@ def guidance_matrix(
     return 0.5 * (omega + omega.T)
 
 
+@dataclass
+class PreparedModule:
+    """Steps 1-3 of one module: what its eigenproblem (step 4-5) needs."""
+
+    delta_hat: torch.Tensor  # Δ̂ = Δ/σ (d_in x d_out, float64)
+    sigma: float  # σ_max(Δ)
+    variance_scale: float  # c
+
+
+def prepare_module(
+    name: str,
+    gradient: torch.Tensor,
+    input_factor: InputFactor,
+    output_factor_diag: torch.Tensor,
+    *,
+    damping: float,
+    train_size: int,
+) -> PreparedModule:
+    """Steps 1-3 (float64): Δ, σ, Δ̂ and c."""
+    delta = natural_gradient_step(gradient, input_factor, output_factor_diag, damping)
+    sigma = spectral_norm(delta)
+    if not math.isfinite(sigma):
+        raise FloatingPointError(f"natural-gradient step of module '{name}' is not finite")
+    if sigma == 0.0:
+        raise FloatingPointError(
+            f"the gradient of module '{name}' is exactly zero: its loss does not depend on the module's weight"
+        )
+    delta_hat = delta / sigma
+    variance_scale = float((1.0 / (output_factor_diag.to(torch.float64) + damping)).sum()) / train_size / sigma**2
+    return PreparedModule(delta_hat=delta_hat, sigma=sigma, variance_scale=variance_scale)
+
+
+def finish_module(
+    name: str, prepared: PreparedModule, eigenvalues: torch.Tensor, vectors: torch.Tensor, *, gamma: float
+) -> ModuleFactors:
+    """Steps 5 (sign fix) to 7, from the r smallest eigenpairs of Ω."""
+    a0 = fix_column_signs(vectors.to(torch.float64))
+    b0 = a0.T @ prepared.delta_hat  # r x d_out
+    scale = 1.0 / math.sqrt(gamma)
+    lora_A = (a0.T * scale).to(torch.float32).contiguous()
+    lora_B = (b0.T * scale).to(torch.float32).contiguous()
+    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+        raise FloatingPointError(f"LoRA factors of module '{name}' are not finite")
+    return ModuleFactors(
+        lora_A=lora_A,
+        lora_B=lora_B,
+        eigenvalues=eigenvalues.to(torch.float64),
+        sigma=prepared.sigma,
+        variance_scale=prepared.variance_scale,
+    )
+
+
 def lora_da_factors(
     name: str,
     gradient: torch.Tensor,
@@ -107,27 +159,10 @@ def lora_da_factors(
     damping: float,
     train_size: int,
 ) -> ModuleFactors:
-    """Steps 1-7 for one module, in float64; factors returned in float32."""
-    delta = natural_gradient_step(gradient, input_factor, output_factor_diag, damping)
-    sigma = spectral_norm(delta)
-    if not math.isfinite(sigma):
-        raise FloatingPointError(f"natural-gradient step of module '{name}' is not finite")
-    if sigma == 0.0:
-        raise FloatingPointError(
-            f"the gradient of module '{name}' is exactly zero: its loss does not depend on the module's weight"
-        )
-    delta_hat = delta / sigma
-    variance_scale = float((1.0 / (output_factor_diag.to(torch.float64) + damping)).sum()) / train_size / sigma**2
-    omega = guidance_matrix(delta_hat, input_factor.inverse, alpha, beta, variance_scale)
-    eigenvalues, vectors = smallest_eigenpairs(omega, rank)
-    a0 = fix_column_signs(vectors)
-    b0 = a0.T @ delta_hat  # r x d_out
-    scale = 1.0 / math.sqrt(gamma)
-    lora_A = (a0.T * scale).to(torch.float32).contiguous()
-    lora_B = (b0.T * scale).to(torch.float32).contiguous()
-    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
-        raise FloatingPointError(f"LoRA factors of module '{name}' are not finite")
-    return ModuleFactors(
-        lora_A=lora_A, lora_B=lora_B, eigenvalues=eigenvalues, sigma=sigma, variance_scale=variance_scale
+    """Steps 1-7 for one module, in float64, with the dense eigensolver; factors returned in float32."""
+    prepared = prepare_module(
+        name, gradient, input_factor, output_factor_diag, damping=damping, train_size=train_size
     )
-
+    omega = guidance_matrix(prepared.delta_hat, input_factor.inverse, alpha, beta, prepared.variance_scale)
+    eigenvalues, vectors = smallest_eigenpairs(omega, rank)
+    return finish_module(name, prepared, eigenvalues, vectors, gamma=gamma)
