@@ -90,7 +90,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=30)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--sample", type=int, default=None,
-                        help="run the eigh loop on this many problems and scale (default: all for n <= 1536, 3 above)")
+                        help="for n > 1536, run the eigh loop on this many problems and scale (default 3); "
+                        "smaller n always run all")
     parser.add_argument("--tol", type=float, default=None, help="LOBPCG tolerance (default: the solver's)")
     parser.add_argument("--output", default=None, help="also write the table (markdown) here")
     args = parser.parse_args(argv)
@@ -106,7 +107,7 @@ def main(argv=None) -> None:
     ]
     print("\n".join(lines), flush=True)
     for n in args.sizes:
-        sample = args.sample if args.sample is not None else (args.batch if n <= 1536 else 3)
+        sample = args.batch if n <= 1536 else (args.sample if args.sample is not None else 3)
         rows = run_size(n, args.batch, args.k, sample, args.tol)
         ours = rows[0][2]
         for size, method, elapsed, scaled, angle, notes in rows:
