@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def spawn(world: int, scenario: str, tmp_path):
     mp.start_processes(
-        worker.run, args=(world, free_port(), scenario, str(tmp_path)), nprocs=world, join=True, start_method="fork"
+        worker.run, args=(world, free_port(), scenario, str(tmp_path)), nprocs=world, join=True, start_method="spawn"
     )
     results, errors = {}, {}
     for rank in range(world):

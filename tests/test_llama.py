@@ -104,7 +104,8 @@ def test_end_to_end_fp32_result_contents():
         init = lora_da.initialize(model, list(batches(samples, 4)), rank=4, progress=False)
     assert init.train_size == init.num_samples == 12
     assert set(init.timings) == {"statistics", "solve", "total"} and all(t >= 0 for t in init.timings.values())
-    assert init.backends == {"statistics": "torch", "solve": "torch.linalg.eigh (float64)"}
+    assert init.backends["statistics"] == "torch"
+    assert init.backends["solve"].startswith("lobpcg/cpu-openblas")  # tiny shapes: its dense fallback
     for name, m in init.modules.items():
         module = dict(model.named_modules())[name]
         assert m.lora_A.shape == (4, module.in_features) and m.lora_A.dtype == torch.float32

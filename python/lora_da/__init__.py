@@ -27,6 +27,6 @@ __all__ = [
 
 def build_info() -> dict:
     """How the compiled core ``lora_da._core`` was built."""
-    from . import _core
+    from ._native import core
 
-    return dict(_core.build_info())
+    return dict(core().build_info())

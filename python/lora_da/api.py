@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -12,9 +12,9 @@ from torch import nn
 
 from . import distributed
 from .config import LoraDAConfig, TargetModules, TokenMask
-from .method import InputFactor, lora_da_factors, prepare_input_factor
+from .method import InputFactor, PreparedModule, dense_eigenpairs, finish_module, prepare_input_factor, prepare_module
 from .result import LoraInit, ModuleInit
-from .solvers import EIGH_BACKEND
+from .solvers import EIGH_BACKEND, LoraDAOperator, failed_eigenpairs, lobpcg
 from .statistics import KFACStatistics, model_device, collect_statistics
 from .targets import find_target_modules
 
@@ -40,6 +40,7 @@ def initialize(
     gather_to: Optional[int] = None,
     stats_checkpoint: Optional[str] = None,
     checkpoint_every: int = 50,
+    solver: str = "auto",
 ) -> LoraInit:
     """Compute LoRA-DA's data-aware LoRA initialization of ``model``.
 
@@ -59,6 +60,8 @@ def initialize(
         loss_fn: ``loss_fn(model, batch) -> per-sample losses`` (1-D) for
             models that are not causal LMs. Default: each sample's mean
             next-token loss, so results do not depend on the batch size.
+        solver: ``"auto"`` (the compiled batched LOBPCG, all same-shape modules
+            in one call) or ``"eigh"`` (dense float64 ``torch.linalg.eigh``, the oracle).
         stats_backend: ``"auto"`` (Triton kernels on CUDA, PyTorch elsewhere),
             ``"torch"`` or ``"triton"``; ``result.backends["statistics"]`` says which ran.
         gather_to: under ``torch.distributed``, the rank that receives every
@@ -87,6 +90,7 @@ def initialize(
         gather_to=gather_to,
         stats_checkpoint=stats_checkpoint,
         checkpoint_every=checkpoint_every,
+        solver=solver,
     )
     return initialize_from_config(model, loader, config)
 
@@ -144,11 +148,13 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
             stacklevel=3,
         )
     solve_start = time.perf_counter()
-    backends = {"statistics": stats.backend, "solve": EIGH_BACKEND}
+    backends = {"statistics": stats.backend}
     if run_distributed:
         owners = distributed.assign_groups(stats, dist.get_world_size())
         my_names = [name for name, owner in owners.items() if owner == dist.get_rank()]
-        mine = distributed.run_agreeing("the solves", lambda: solve_modules(stats, config, train_size, my_names))
+        mine, backends["solve"] = distributed.run_agreeing(
+            "the solves", lambda: solve_modules(stats, config, train_size, my_names)
+        )
         timings["solve"] = time.perf_counter() - solve_start
         gather_start = time.perf_counter()
         module_inits = distributed.gather_module_inits(
@@ -157,7 +163,7 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
         timings["gather"] = time.perf_counter() - gather_start
         backends["distributed"] = f"torch.distributed ({dist.get_backend()}, {dist.get_world_size()} ranks)"
     else:
-        module_inits = solve_modules(stats, config, train_size)
+        module_inits, backends["solve"] = solve_modules(stats, config, train_size)
         timings["solve"] = time.perf_counter() - solve_start
     timings["total"] = time.perf_counter() - start
     return LoraInit(
@@ -176,38 +182,86 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
 
 def solve_modules(
     stats: KFACStatistics, config: LoraDAConfig, train_size: int, names: Optional[Iterable[str]] = None
-) -> Dict[str, ModuleInit]:
-    """Steps 1-7 of SPEC.md for every module (or those in ``names``); ``Z`` is
-    factored once per input group."""
-    prepared: Dict[int, InputFactor] = {}
-    result: Dict[str, ModuleInit] = {}
-    for name in stats.modules if names is None else names:
-        module_stats = stats.modules[name]
-        group_index = module_stats.group_index
-        group = stats.groups[group_index]
-        if group_index not in prepared:
-            prepared[group_index] = prepare_input_factor(stats.input_factor(name), config.damping, name)
-        input_factor = prepared[group_index]
-        factors = lora_da_factors(
+) -> Tuple[Dict[str, ModuleInit], str]:
+    """Steps 1-7 of SPEC.md for every module (or those in ``names``).
+
+    ``Z`` is factored once per input group. With ``config.solver == "auto"`` the
+    eigenproblems of all modules of one shape ``(d_in, d_out)`` are solved in one
+    batched LOBPCG call on the operator form of Ω (``lora_da.solvers.LoraDAOperator``,
+    neither Ω nor Z⁻¹ formed); with ``"eigh"`` each Ω is formed and decomposed
+    densely in float64. Returns the module inits and the solver backend's name.
+    """
+    names = list(stats.modules) if names is None else list(names)
+    by_group: Dict[int, InputFactor] = {}
+    input_factors: Dict[str, InputFactor] = {}
+    prepared: Dict[str, PreparedModule] = {}
+    for name in names:
+        group_index = stats.modules[name].group_index
+        if group_index not in by_group:
+            by_group[group_index] = prepare_input_factor(stats.input_factor(name), config.damping, name)
+        input_factors[name] = by_group[group_index]
+        prepared[name] = prepare_module(
             name,
             stats.gradient(name),
-            input_factor,
+            input_factors[name],
             stats.output_factor_diag(name),
-            rank=config.rank,
-            alpha=config.alpha,
-            beta=config.beta,
-            gamma=config.gamma,
             damping=config.damping,
             train_size=train_size,
         )
-        result[name] = ModuleInit(
+
+    def module_init(name: str, eigenvalues: torch.Tensor, vectors: torch.Tensor) -> ModuleInit:
+        factors = finish_module(name, prepared[name], eigenvalues, vectors, gamma=config.gamma)
+        return ModuleInit(
             name=name,
             lora_A=factors.lora_A,
             lora_B=factors.lora_B,
             eigenvalues=factors.eigenvalues,
             sigma=factors.sigma,
             variance_scale=factors.variance_scale,
-            damping=input_factor.damping,
-            input_group=group.members,
+            damping=input_factors[name].damping,
+            input_group=stats.groups[stats.modules[name].group_index].members,
         )
-    return result
+
+    result: Dict[str, ModuleInit] = {}
+    if config.solver == "eigh":
+        for name in names:
+            eigenvalues, vectors = dense_eigenpairs(
+                prepared[name], input_factors[name], rank=config.rank, alpha=config.alpha, beta=config.beta
+            )
+            result[name] = module_init(name, eigenvalues, vectors)
+        return result, EIGH_BACKEND
+
+    shapes: Dict[Tuple[int, int], List[str]] = {}
+    for name in names:
+        shapes.setdefault(tuple(prepared[name].delta_hat.shape), []).append(name)
+    backends = set()
+    redone: List[str] = []
+    for same_shape in shapes.values():
+        operator = LoraDAOperator(
+            delta=torch.stack([prepared[name].delta_hat for name in same_shape]),
+            cholesky=torch.stack([input_factors[name].cholesky for name in same_shape]),
+            alpha=config.alpha,
+            variance_scale=[config.beta * prepared[name].variance_scale for name in same_shape],
+        )
+        solution = lobpcg(operator, config.rank, seed=config.seed)
+        failed = failed_eigenpairs(operator, solution).tolist()
+        backends.add(solution.backend)
+        for index, name in enumerate(same_shape):
+            if failed[index]:  # never used silently: solved again densely, and reported
+                redone.append(name)
+                eigenvalues, vectors = dense_eigenpairs(
+                    prepared[name], input_factors[name], rank=config.rank, alpha=config.alpha, beta=config.beta
+                )
+                result[name] = module_init(name, eigenvalues, vectors)
+            else:
+                result[name] = module_init(name, solution.eigenvalues[index], solution.eigenvectors[index])
+    backend = ", ".join(sorted(backends))
+    if redone:
+        warnings.warn(
+            f"LOBPCG's eigenpairs failed the residual/orthonormality check for {redone}; "
+            f"they were solved again with {EIGH_BACKEND}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        backend += f" + {EIGH_BACKEND} for {len(redone)} modules"
+    return {name: result[name] for name in names}, backend

@@ -41,6 +41,10 @@ class LoraDAConfig:
         seed: seed for any randomized step (solver start vectors).
         stats_backend: who accumulates the statistics: ``"auto"`` (Triton kernels
             on CUDA, the PyTorch reference elsewhere), ``"torch"`` or ``"triton"``.
+        solver: eigensolver for Ω's r smallest eigenpairs: ``"auto"`` (the
+            compiled batched LOBPCG on the operator form of Ω, all same-shape
+            modules in one call) or ``"eigh"`` (dense ``torch.linalg.eigh`` in
+            float64, the oracle).
         progress: show a progress bar during the statistics pass.
         gather_to: under ``torch.distributed``, the only rank that receives all
             factors (``None``: every rank does).
@@ -67,9 +71,12 @@ class LoraDAConfig:
     stats_checkpoint: Optional[str] = None
     checkpoint_every: int = 50
     stats_backend: str = "auto"
+    solver: str = "auto"
     loss_fn: Optional[Callable] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if self.solver not in ("auto", "eigh"):
+            raise ValueError(f"solver must be 'auto' or 'eigh', got {self.solver!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
         for name in ("alpha", "beta", "gamma", "damping"):

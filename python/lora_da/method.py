@@ -99,14 +99,87 @@ def guidance_matrix(
 
 
 @dataclass
+class PreparedModule:
+    """Steps 1-3 of one module: what its eigenproblem (steps 4-5) needs."""
+
+    delta_hat: torch.Tensor  # Δ̂ = Δ/σ (d_in x d_out, float64)
+    sigma: float  # σ_max(Δ)
+    variance_scale: float  # c
+
+
+def prepare_module(
+    name: str,
+    gradient: torch.Tensor,
+    input_factor: InputFactor,
+    output_factor_diag: torch.Tensor,
+    *,
+    damping: float,
+    train_size: int,
+) -> PreparedModule:
+    """Steps 1-3 (float64): Δ, σ, Δ̂ and c."""
+    delta = natural_gradient_step(gradient, input_factor, output_factor_diag, damping)
+    sigma = spectral_norm(delta)
+    if not math.isfinite(sigma):
+        raise FloatingPointError(f"natural-gradient step of module '{name}' is not finite")
+    if sigma == 0.0:
+        raise FloatingPointError(
+            f"the gradient of module '{name}' is exactly zero: its loss does not depend on the module's weight"
+        )
+    delta_hat = delta / sigma
+    variance_scale = float((1.0 / (output_factor_diag.to(torch.float64) + damping)).sum()) / train_size / sigma**2
+    return PreparedModule(delta_hat=delta_hat, sigma=sigma, variance_scale=variance_scale)
+
+
+@dataclass
 class ModuleSubspace:
-    """Steps 1-6 in float64, before the γ scaling and the float32 cast."""
+    """Steps 5-6 in float64, before the γ scaling and the float32 cast."""
 
     input_basis: torch.Tensor  # A₀, d_in x r, orthonormal columns, signs fixed
     output_basis: torch.Tensor  # B₀ = A₀ᵀ Δ̂, r x d_out
     eigenvalues: torch.Tensor  # r smallest eigenvalues of Ω, ascending
     sigma: float  # σ_max(Δ)
     variance_scale: float  # c
+
+
+def subspace_from_eigenpairs(
+    prepared: PreparedModule, eigenvalues: torch.Tensor, vectors: torch.Tensor
+) -> ModuleSubspace:
+    """Steps 5-6: sign-fixed A₀ from Ω's r smallest eigenvectors, and B₀ = A₀ᵀΔ̂."""
+    input_basis = fix_column_signs(vectors.to(torch.float64))
+    return ModuleSubspace(
+        input_basis=input_basis,
+        output_basis=input_basis.T @ prepared.delta_hat,
+        eigenvalues=eigenvalues.to(torch.float64),
+        sigma=prepared.sigma,
+        variance_scale=prepared.variance_scale,
+    )
+
+
+def finish_module(
+    name: str, prepared: PreparedModule, eigenvalues: torch.Tensor, vectors: torch.Tensor, *, gamma: float
+) -> ModuleFactors:
+    """Steps 5-7 from the r smallest eigenpairs of Ω; factors in float32."""
+    subspace = subspace_from_eigenpairs(prepared, eigenvalues, vectors)
+    scale = 1.0 / math.sqrt(gamma)
+    lora_A = (subspace.input_basis.T * scale).to(torch.float32).contiguous()
+    lora_B = (subspace.output_basis.T * scale).to(torch.float32).contiguous()
+    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+        raise FloatingPointError(f"LoRA factors of module '{name}' are not finite")
+    return ModuleFactors(
+        lora_A=lora_A,
+        lora_B=lora_B,
+        eigenvalues=subspace.eigenvalues,
+        sigma=subspace.sigma,
+        variance_scale=subspace.variance_scale,
+    )
+
+
+def dense_eigenpairs(
+    prepared: PreparedModule, input_factor: InputFactor, *, rank: int, alpha: float, beta: float
+):
+    """Steps 4-5 with the dense oracle: Ω formed explicitly, ``torch.linalg.eigh`` in float64."""
+    omega = guidance_matrix(prepared.delta_hat, input_factor.inverse, alpha, beta, prepared.variance_scale)
+    return smallest_eigenpairs(omega, rank)
 
 
 def lora_da_subspace(
@@ -121,27 +194,10 @@ def lora_da_subspace(
     damping: float,
     train_size: int,
 ) -> ModuleSubspace:
-    """Steps 1-6 for one module, in float64."""
-    delta = natural_gradient_step(gradient, input_factor, output_factor_diag, damping)
-    sigma = spectral_norm(delta)
-    if not math.isfinite(sigma):
-        raise FloatingPointError(f"natural-gradient step of module '{name}' is not finite")
-    if sigma == 0.0:
-        raise FloatingPointError(
-            f"the gradient of module '{name}' is exactly zero: its loss does not depend on the module's weight"
-        )
-    delta_hat = delta / sigma
-    variance_scale = float((1.0 / (output_factor_diag.to(torch.float64) + damping)).sum()) / train_size / sigma**2
-    omega = guidance_matrix(delta_hat, input_factor.inverse, alpha, beta, variance_scale)
-    eigenvalues, vectors = smallest_eigenpairs(omega, rank)
-    input_basis = fix_column_signs(vectors)
-    return ModuleSubspace(
-        input_basis=input_basis,
-        output_basis=input_basis.T @ delta_hat,
-        eigenvalues=eigenvalues,
-        sigma=sigma,
-        variance_scale=variance_scale,
-    )
+    """Steps 1-6 for one module, in float64, with the dense eigensolver."""
+    prepared = prepare_module(name, gradient, input_factor, output_factor_diag, damping=damping, train_size=train_size)
+    eigenvalues, vectors = dense_eigenpairs(prepared, input_factor, rank=rank, alpha=alpha, beta=beta)
+    return subspace_from_eigenpairs(prepared, eigenvalues, vectors)
 
 
 def lora_da_factors(
@@ -157,20 +213,7 @@ def lora_da_factors(
     damping: float,
     train_size: int,
 ) -> ModuleFactors:
-    """Steps 1-7 for one module, in float64; factors returned in float32."""
-    subspace = lora_da_subspace(
-        name, gradient, input_factor, output_factor_diag,
-        rank=rank, alpha=alpha, beta=beta, damping=damping, train_size=train_size,
-    )
-    scale = 1.0 / math.sqrt(gamma)
-    lora_A = (subspace.input_basis.T * scale).to(torch.float32).contiguous()
-    lora_B = (subspace.output_basis.T * scale).to(torch.float32).contiguous()
-    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
-        raise FloatingPointError(f"LoRA factors of module '{name}' are not finite")
-    return ModuleFactors(
-        lora_A=lora_A,
-        lora_B=lora_B,
-        eigenvalues=subspace.eigenvalues,
-        sigma=subspace.sigma,
-        variance_scale=subspace.variance_scale,
-    )
+    """Steps 1-7 for one module, in float64, with the dense eigensolver; factors returned in float32."""
+    prepared = prepare_module(name, gradient, input_factor, output_factor_diag, damping=damping, train_size=train_size)
+    eigenvalues, vectors = dense_eigenpairs(prepared, input_factor, rank=rank, alpha=alpha, beta=beta)
+    return finish_module(name, prepared, eigenvalues, vectors, gamma=gamma)

@@ -6,7 +6,10 @@ rounding. It is the oracle the iterative solvers are tested against.
 
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -31,3 +34,237 @@ def fix_column_signs(vectors: torch.Tensor) -> torch.Tensor:
     signs = torch.sign(torch.gather(vectors, 0, index))
     signs[signs == 0] = 1
     return vectors * signs
+
+
+# --------------------------------------------------------------------------
+# Batched blocked LOBPCG (compiled core, csrc/lobpcg.hpp)
+# --------------------------------------------------------------------------
+
+DEFAULT_MAX_ITER = 500
+
+
+@dataclass
+class LoraDAOperator:
+    """LoRA-DA's Initialization Guidance Matrix as an operator (SPEC.md step 4),
+
+        Ω v = −α D (Dᵀ v) + variance_scale · Z⁻¹ v,
+
+    given ``D = Δ̂`` (``(*batch, d_in, d_out)``) and the lower Cholesky factor
+    ``L`` of ``Z`` (``(*batch, d_in, d_in)``, or ``(d_in, d_in)`` shared by the
+    whole batch). ``variance_scale`` is ``β c`` (a float or one value per
+    problem). Neither Ω nor Z⁻¹ is formed: Z⁻¹ is applied by two triangular
+    solves with L.
+    """
+
+    delta: torch.Tensor
+    cholesky: torch.Tensor
+    alpha: float
+    variance_scale: Union[float, Sequence[float], torch.Tensor]
+
+    @property
+    def size(self) -> int:
+        return self.delta.shape[-2]
+
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.delta.shape[:-2]
+
+    def dense(self) -> torch.Tensor:
+        """Ω formed explicitly in float64 (for tests and the oracle)."""
+        d = self.delta.to(torch.float64)
+        eye = torch.eye(self.size, dtype=torch.float64, device=d.device)
+        z_inverse = torch.cholesky_solve(eye.expand(*self.cholesky.shape[:-2], -1, -1), self.cholesky.to(torch.float64))
+        scale = torch.as_tensor(self.variance_scale, dtype=torch.float64, device=d.device)
+        scale = scale.reshape(*scale.shape, 1, 1) if scale.dim() else scale
+        omega = -self.alpha * (d @ d.transpose(-1, -2)) + scale * z_inverse
+        return 0.5 * (omega + omega.transpose(-1, -2))
+
+
+    def apply(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``Ω V`` in float64 with PyTorch (``V``: ``(*batch, d_in, j)``), for checking results."""
+        d = self.delta.to(torch.float64)
+        v = vectors.to(device=d.device, dtype=torch.float64)
+        scale = torch.as_tensor(self.variance_scale, dtype=torch.float64, device=d.device)
+        scale = scale.reshape(*scale.shape, 1, 1) if scale.dim() else scale
+        bias = d @ (d.transpose(-1, -2) @ v)
+        variance = torch.cholesky_solve(v, self.cholesky.to(torch.float64).expand(*d.shape[:-2], -1, -1))
+        return -self.alpha * bias + scale * variance
+
+
+def failed_eigenpairs(operator: LoraDAOperator, result: "LobpcgResult", safety: float = 100.0) -> torch.Tensor:
+    """Which problems' returned pairs fail an independent check (``(*B,)`` bool).
+
+    Recomputes ``Ω X − X Θ`` in float64 with PyTorch and flags a problem when it
+    did not converge, when ``XᵀX`` is not the identity to 1e-8 (a basis that lost
+    orthonormality gives Ritz values outside the spectrum), or when a residual
+    exceeds ``safety`` times the solver's own threshold (computed here from the
+    k returned eigenvalues, a slightly stricter scale than the solver's block).
+    """
+    vectors = result.eigenvectors.to(torch.float64)
+    values = result.eigenvalues.to(device=vectors.device, dtype=torch.float64)
+    residual = operator.apply(vectors) - vectors * values.unsqueeze(-2)
+    eps = torch.finfo(result.eigenvectors.dtype).eps
+    norm = result.norm_estimate.to(device=vectors.device, dtype=torch.float64)
+    threshold = torch.maximum(result.tol * values.abs().amax(-1), 100 * eps * norm)
+    too_large = (residual.norm(dim=-2) > safety * threshold.unsqueeze(-1)).any(-1)
+    eye = torch.eye(vectors.shape[-1], dtype=torch.float64, device=vectors.device)
+    not_orthonormal = (vectors.transpose(-1, -2) @ vectors - eye).abs().amax((-1, -2)) > 1e-8
+    return too_large | not_orthonormal | ~result.converged.to(vectors.device)
+
+
+@dataclass
+class LobpcgResult:
+    """Result of :func:`lobpcg` for a batch of problems (batch shape ``*B``).
+
+    Attributes:
+        eigenvalues: ``(*B, k)``, ascending (descending with ``largest=True``).
+        eigenvectors: ``(*B, n, k)``, orthonormal columns.
+        iterations: ``(*B,)`` LOBPCG iterations each problem ran.
+        residual_norms: ``(*B, k)`` float64, ``‖A x − θ x‖`` at the end (0 for the dense fallback).
+        converged: ``(*B,)`` whether all k residuals met the threshold
+            ``max(tol · max|θ_block|, 100 ε · norm_estimate)``.
+        norm_estimate: ``(*B,)`` the estimate of ``‖A‖₂`` (the rounding floor's scale).
+        dense_fallback: True when ``n < 5·(k + guard)`` and a dense eigensolver ran instead.
+        block_size: LOBPCG block (k + guard vectors), or n for the fallback.
+        tol: the relative residual tolerance used.
+        backend: which implementation ran.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    iterations: torch.Tensor
+    residual_norms: torch.Tensor
+    converged: torch.Tensor
+    norm_estimate: torch.Tensor
+    dense_fallback: bool
+    block_size: int
+    tol: float
+    backend: str
+
+
+def _solver_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype == torch.float64:
+        return torch.float64
+    if dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.float32
+    raise TypeError(f"lobpcg needs a floating-point operator, got {dtype}")
+
+
+def _device_and_stream(tensor: torch.Tensor) -> Tuple[str, int]:
+    if tensor.device.type == "cpu":
+        return "cpu", 0
+    if tensor.device.type == "cuda":
+        return "cuda", int(torch.cuda.current_stream(tensor.device).cuda_stream)
+    raise ValueError(f"lobpcg runs on CPU or CUDA tensors, not on {tensor.device}")
+
+
+def lobpcg(
+    matrix_or_operator: Union[torch.Tensor, LoraDAOperator],
+    k: int,
+    *,
+    largest: bool = False,
+    tol: Optional[float] = None,
+    max_iter: int = DEFAULT_MAX_ITER,
+    seed: int = 0,
+    guard: Optional[int] = None,
+) -> LobpcgResult:
+    """The ``k`` smallest (or largest) eigenpairs of a batch of symmetric
+    operators, by the compiled batched blocked LOBPCG (``csrc/lobpcg.hpp``).
+
+    Args:
+        matrix_or_operator: symmetric matrices ``(*B, n, n)`` (only the
+            matrix is read; it must be symmetric), or a :class:`LoraDAOperator`.
+            float64 runs in float64; float32/16/bf16 run in float32. CPU or
+            CUDA tensors (CUDA work runs on the current stream).
+        k: number of eigenpairs.
+        largest: the k largest instead of the k smallest.
+        tol: relative residual tolerance: a pair is converged when
+            ``‖A x − θ x‖ ≤ max(tol · max|θ_block|, 100 ε ‖A‖_est)``, relative
+            to the block's own Ritz values (Ω's ``‖Ω‖`` can exceed its smallest
+            eigenvalues by many orders), floored at what rounding allows.
+            Default 1e-10 (float64), 2e-4 (float32). The largest principal
+            angle to the exact eigenspace is then about
+            ``≤ √k · threshold / (λ_{k+1} − λ_k)``.
+        max_iter: iteration cap; problems that hit it report ``converged=False``.
+        seed: the random start block is drawn from this seed (per problem).
+        guard: guard vectors beyond k (default ``max(k, 8)``); when
+            ``n < 5·(k + guard)`` a dense eigensolver runs instead (there LOBPCG's
+            basis nearly fills the space and gains nothing).
+    """
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol}")
+    if max_iter < 0:
+        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
+    from ._native import core
+
+    guard_arg = -1 if guard is None else int(guard)
+    tol_arg = -1.0 if tol is None else float(tol)
+    if isinstance(matrix_or_operator, LoraDAOperator):
+        op = matrix_or_operator
+        delta = op.delta
+        if delta.dim() < 2:
+            raise ValueError("LoraDAOperator.delta must be (*batch, d_in, d_out)")
+        n, d_out = delta.shape[-2], delta.shape[-1]
+        batch_shape = delta.shape[:-2]
+        dtype = _solver_dtype(delta.dtype)
+        d_flat = delta.to(dtype).reshape(-1, n, d_out).contiguous()
+        batch = d_flat.shape[0]
+        cholesky = op.cholesky.to(device=delta.device, dtype=dtype)
+        if cholesky.shape[-2:] != (n, n):
+            raise ValueError(f"cholesky factor must be (…, {n}, {n}), got {tuple(cholesky.shape)}")
+        if cholesky.dim() == 2:
+            cholesky_flat, stride_z = cholesky.contiguous(), 0
+        else:
+            if cholesky.shape[:-2] != batch_shape:
+                raise ValueError("cholesky factor batch shape must match delta's (or be absent)")
+            cholesky_flat, stride_z = cholesky.reshape(-1, n, n).contiguous(), n * n
+        scale = torch.as_tensor(op.variance_scale, dtype=torch.float64).reshape(-1).cpu()
+        if scale.numel() == 1:
+            scale = scale.expand(batch)
+        if scale.numel() != batch:
+            raise ValueError(f"variance_scale needs 1 or {batch} values, got {scale.numel()}")
+        device, stream = _device_and_stream(d_flat)
+        k = int(k)
+        if not 1 <= k <= n:
+            raise ValueError(f"k={k} must lie in [1, {n}]")
+        vectors = torch.empty(batch, k, n, dtype=dtype, device=d_flat.device)
+        with torch.cuda.device(d_flat.device) if device == "cuda" else contextlib.nullcontext():
+            report = core().lobpcg_guidance(
+                d_flat.data_ptr(), batch, n, d_out, n * d_out, cholesky_flat.data_ptr(), stride_z,
+                float(op.alpha), [float(v) for v in scale.tolist()], str(dtype).replace("torch.", ""),
+                k, guard_arg, bool(largest), tol_arg, int(max_iter), int(seed), vectors.data_ptr(), device, stream,
+            )
+    else:
+        matrix = matrix_or_operator
+        if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
+            raise ValueError(f"expected (*batch, n, n) matrices, got shape {tuple(matrix.shape)}")
+        n = matrix.shape[-1]
+        batch_shape = matrix.shape[:-2]
+        dtype = _solver_dtype(matrix.dtype)
+        flat = matrix.to(dtype).reshape(-1, n, n).contiguous()
+        batch = flat.shape[0]
+        device, stream = _device_and_stream(flat)
+        k = int(k)
+        if not 1 <= k <= n:
+            raise ValueError(f"k={k} must lie in [1, {n}]")
+        vectors = torch.empty(batch, k, n, dtype=dtype, device=flat.device)
+        with torch.cuda.device(flat.device) if device == "cuda" else contextlib.nullcontext():
+            report = core().lobpcg_dense(
+                flat.data_ptr(), batch, n, n * n, str(dtype).replace("torch.", ""), k, guard_arg, bool(largest),
+                tol_arg, int(max_iter), int(seed), vectors.data_ptr(), device, stream,
+            )
+    target = vectors.device
+    return LobpcgResult(
+        eigenvalues=torch.tensor(report["eigenvalues"], dtype=dtype).reshape(*batch_shape, k).to(target),
+        eigenvectors=vectors.transpose(-1, -2).reshape(*batch_shape, n, k),
+        iterations=torch.tensor(report["iterations"], dtype=torch.int64).reshape(batch_shape),
+        residual_norms=torch.tensor(report["residual_norms"], dtype=torch.float64).reshape(*batch_shape, k),
+        converged=torch.tensor(report["converged"], dtype=torch.bool).reshape(batch_shape),
+        norm_estimate=torch.tensor(report["norm_estimate"], dtype=torch.float64).reshape(batch_shape),
+        dense_fallback=bool(report["dense_fallback"]),
+        block_size=int(report["block_size"]),
+        tol=float(report["tol"]),
+        backend=str(report["backend"]),
+    )
+
+

@@ -1,0 +1,172 @@
+// CPU backend: the batched operations of backend.hpp as loops over the batch
+// calling scipy-openblas32 BLAS/LAPACK (which threads each call itself).
+#include "cpu_backend.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "host_lapack.hpp"
+
+extern "C" {
+void scipy_openblas_set_num_threads(int);
+int scipy_openblas_get_num_threads(void);
+}
+
+namespace lora_da {
+
+OpenblasThreadsGuard::OpenblasThreadsGuard(int threads) : previous_(scipy_openblas_get_num_threads()) {
+  scipy_openblas_set_num_threads(threads);
+}
+OpenblasThreadsGuard::~OpenblasThreadsGuard() { scipy_openblas_set_num_threads(previous_); }
+int OpenblasThreadsGuard::current() { return scipy_openblas_get_num_threads(); }
+
+template <typename T>
+template <typename Body>
+void CpuBackend<T>::for_each_problem(const Batch& batch, Body&& body) {
+  std::vector<int> problems;
+  for (int p = 0; p < batch.count; ++p)
+    if (batch.is_active(p)) problems.push_back(p);
+  const int threads = std::min<int>(workers_, int(problems.size()));
+  if (threads <= 1) {
+    for (int p : problems) body(p);
+    return;
+  }
+  std::atomic<int> next{0};
+  std::exception_ptr failure;
+  std::mutex failure_mutex;
+  auto work = [&]() {
+    for (int i = next++; i < int(problems.size()); i = next++) {
+      try {
+        body(problems[i]);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(failure_mutex);
+        if (!failure) failure = std::current_exception();
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& thread : pool) thread.join();
+  if (failure) std::rethrow_exception(failure);
+}
+
+namespace {
+
+template <typename T>
+void syevd_typed(int n, T* a, int lda, T* w,
+                 void (*routine)(const char*, const char*, const int*, T*, const int*, T*, T*, const int*, int*,
+                                 const int*, int*, std::size_t, std::size_t)) {
+  if (n == 0) return;
+  const char jobz = 'V', uplo = 'L';
+  int info = 0, lwork = -1, liwork = -1, iwork_query = 0;
+  T work_query = 0;
+  routine(&jobz, &uplo, &n, a, &lda, w, &work_query, &lwork, &iwork_query, &liwork, &info, 1, 1);
+  if (info != 0) throw BackendError("LAPACK ?syevd workspace query failed, info=" + std::to_string(info));
+  lwork = std::max(1, int(work_query));
+  liwork = std::max(1, iwork_query);
+  std::vector<T> work(lwork);
+  std::vector<int> iwork(liwork);
+  routine(&jobz, &uplo, &n, a, &lda, w, work.data(), &lwork, iwork.data(), &liwork, &info, 1, 1);
+  if (info != 0) {
+    throw BackendError("LAPACK ?syevd failed (n=" + std::to_string(n) + "), info=" + std::to_string(info) +
+                       (info > 0 ? ": the eigensolver did not converge (non-finite input?)" : ": illegal argument"));
+  }
+}
+
+}  // namespace
+
+void host_gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b, int ldb,
+               double beta, double* c, int ldc) {
+  if (m == 0 || n == 0) return;
+  scipy_dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc, 1, 1);
+}
+void host_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+               float beta, float* c, int ldc) {
+  if (m == 0 || n == 0) return;
+  scipy_sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc, 1, 1);
+}
+void host_trsm_left(char uplo, char trans, int m, int n, double alpha, const double* a, int lda, double* b, int ldb) {
+  const char side = 'L', diag = 'N';
+  if (m == 0 || n == 0) return;
+  scipy_dtrsm_(&side, &uplo, &trans, &diag, &m, &n, &alpha, a, &lda, b, &ldb, 1, 1, 1, 1);
+}
+void host_trsm_left(char uplo, char trans, int m, int n, float alpha, const float* a, int lda, float* b, int ldb) {
+  const char side = 'L', diag = 'N';
+  if (m == 0 || n == 0) return;
+  scipy_strsm_(&side, &uplo, &trans, &diag, &m, &n, &alpha, a, &lda, b, &ldb, 1, 1, 1, 1);
+}
+void host_syevd(int n, double* a, int lda, double* w) { syevd_typed<double>(n, a, lda, w, scipy_dsyevd_); }
+void host_syevd(int n, float* a, int lda, float* w) { syevd_typed<float>(n, a, lda, w, scipy_ssyevd_); }
+
+void host_symmetric_eig(int n, double* matrix, int ld, double* values) { host_syevd(n, matrix, ld, values); }
+
+template <typename T>
+T* CpuBackend<T>::allocate(std::size_t count) {
+  T* data = static_cast<T*>(std::calloc(std::max<std::size_t>(count, 1), sizeof(T)));
+  if (data == nullptr) throw BackendError("out of host memory allocating " + std::to_string(count * sizeof(T)) + " bytes");
+  return data;
+}
+
+template <typename T>
+void CpuBackend<T>::release(T* data) noexcept {
+  std::free(data);
+}
+
+template <typename T>
+void CpuBackend<T>::to_host(double* host, const T* data, std::size_t count) {
+  for (std::size_t i = 0; i < count; ++i) host[i] = double(data[i]);
+}
+
+template <typename T>
+void CpuBackend<T>::from_host(T* data, const double* host, std::size_t count) {
+  for (std::size_t i = 0; i < count; ++i) data[i] = T(host[i]);
+}
+
+template <typename T>
+void CpuBackend<T>::copy_block(int rows, int cols, const T* src, int ld_src, std::int64_t stride_src, T* dst,
+                               int ld_dst, std::int64_t stride_dst, const Batch& batch) {
+  for_each_problem(batch, [&](int b) {
+    const T* s = src + b * stride_src;
+    T* d = dst + b * stride_dst;
+    if (s == d && ld_src == ld_dst) return;
+    for (int j = 0; j < cols; ++j) std::memmove(d + std::int64_t(j) * ld_dst, s + std::int64_t(j) * ld_src, sizeof(T) * rows);
+  });
+}
+
+template <typename T>
+void CpuBackend<T>::gemm(char trans_a, char trans_b, int m, int n, int k, T alpha, const T* a, int lda,
+                         std::int64_t stride_a, const T* b, int ldb, std::int64_t stride_b, T beta, T* c, int ldc,
+                         std::int64_t stride_c, const Batch& batch) {
+  for_each_problem(batch, [&](int p) {
+    host_gemm(trans_a, trans_b, m, n, k, alpha, a + p * stride_a, lda, b + p * stride_b, ldb, beta, c + p * stride_c,
+              ldc);
+  });
+}
+
+template <typename T>
+void CpuBackend<T>::trsm_left(char uplo, char trans, int m, int n, const double* alpha_per_problem, const T* a,
+                              int lda, std::int64_t stride_a, T* b, int ldb, std::int64_t stride_b,
+                              const Batch& batch) {
+  for_each_problem(batch, [&](int p) {
+    host_trsm_left(uplo, trans, m, n, T(alpha_per_problem[p]), a + p * stride_a, lda, b + p * stride_b, ldb);
+  });
+}
+
+template <typename T>
+void CpuBackend<T>::syevd(int n, T* a, int lda, std::int64_t stride_a, T* w, std::int64_t stride_w,
+                          const Batch& batch) {
+  for_each_problem(batch, [&](int p) { host_syevd(n, a + p * stride_a, lda, w + p * stride_w); });
+}
+
+template class CpuBackend<float>;
+template class CpuBackend<double>;
+
+}  // namespace lora_da

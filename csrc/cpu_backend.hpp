@@ -1,0 +1,52 @@
+// CPU backend of the LOBPCG solver (host memory, scipy-openblas32 BLAS/LAPACK).
+#pragma once
+
+#include "backend.hpp"
+
+namespace lora_da {
+
+// Problems of a batch run concurrently on `workers` threads, each calling
+// single-threaded BLAS (OpenBLAS's own threading is inefficient for the tall,
+// skinny products LOBPCG makes); with one worker OpenBLAS threads each call.
+template <typename T>
+class CpuBackend final : public Backend<T> {
+ public:
+  explicit CpuBackend(int workers = 1) : workers_(workers < 1 ? 1 : workers) {}
+  std::string name() const override { return "cpu-openblas"; }
+  T* allocate(std::size_t count) override;
+  void release(T* data) noexcept override;
+  void to_host(double* host, const T* data, std::size_t count) override;
+  void from_host(T* data, const double* host, std::size_t count) override;
+  void copy_block(int rows, int cols, const T* src, int ld_src, std::int64_t stride_src, T* dst, int ld_dst,
+                  std::int64_t stride_dst, const Batch& batch) override;
+  void gemm(char trans_a, char trans_b, int m, int n, int k, T alpha, const T* a, int lda, std::int64_t stride_a,
+            const T* b, int ldb, std::int64_t stride_b, T beta, T* c, int ldc, std::int64_t stride_c,
+            const Batch& batch) override;
+  void trsm_left(char uplo, char trans, int m, int n, const double* alpha_per_problem, const T* a, int lda,
+                 std::int64_t stride_a, T* b, int ldb, std::int64_t stride_b, const Batch& batch) override;
+  void syevd(int n, T* a, int lda, std::int64_t stride_a, T* w, std::int64_t stride_w, const Batch& batch) override;
+  void synchronize() override {}
+
+ private:
+  template <typename Body>
+  void for_each_problem(const Batch& batch, Body&& body);
+  int workers_;
+};
+
+// Sets OpenBLAS to `threads` threads for its lifetime (restoring the previous count).
+class OpenblasThreadsGuard {
+ public:
+  explicit OpenblasThreadsGuard(int threads);
+  ~OpenblasThreadsGuard();
+  OpenblasThreadsGuard(const OpenblasThreadsGuard&) = delete;
+  OpenblasThreadsGuard& operator=(const OpenblasThreadsGuard&) = delete;
+  static int current();
+
+ private:
+  int previous_;
+};
+
+extern template class CpuBackend<float>;
+extern template class CpuBackend<double>;
+
+}  // namespace lora_da

@@ -1,0 +1,99 @@
+// The operators the LOBPCG solver applies, written over the backend interface.
+#pragma once
+
+#include <vector>
+
+#include "backend.hpp"
+
+namespace lora_da {
+
+// A batch of dense symmetric matrices A[b] (n x n, `stride` elements apart).
+template <typename T>
+class DenseSymmetricOperator final : public Operator<T> {
+ public:
+  DenseSymmetricOperator(Backend<T>& backend, const T* matrices, int n, std::int64_t stride)
+      : backend_(backend), matrices_(matrices), n_(n), stride_(stride) {}
+  int size() const override { return n_; }
+  void apply(const T* v, int ldv, std::int64_t stride_v, T* av, int ldav, std::int64_t stride_av, int cols, T sign,
+             const Batch& batch) override {
+    if (cols <= 0) return;
+    backend_.gemm('N', 'N', n_, cols, n_, sign, matrices_, n_, stride_, v, ldv, stride_v, T(0), av, ldav, stride_av,
+                  batch);
+  }
+
+ private:
+  Backend<T>& backend_;
+  const T* matrices_;
+  int n_;
+  std::int64_t stride_;
+};
+
+// LoRA-DA's Initialization Guidance Matrix as an operator (SPEC.md step 4),
+//   Ω v = −α D (Dᵀ v) + c Z⁻¹ v,
+// given D (d_in x d_out) and the Cholesky factor of Z, forming neither Ω nor Z⁻¹.
+// Column-major storage as handed over from row-major torch tensors:
+//   d_transposed = Dᵀ (d_out x n, ld d_out);
+//   z_upper      = U with Z = Uᵀ U (n x n, ld n; this is Lᵀ of the lower factor L),
+// so Z⁻¹ v = U⁻¹ (U⁻ᵀ v): two triangular solves.
+template <typename T>
+class LoraDAGuidanceOperator final : public Operator<T> {
+ public:
+  LoraDAGuidanceOperator(Backend<T>& backend, const T* d_transposed, int n, int d_out, std::int64_t stride_d,
+                         const T* z_upper, std::int64_t stride_z, double alpha, std::vector<double> variance_scale,
+                         int batch_count)
+      : backend_(backend),
+        d_transposed_(d_transposed),
+        n_(n),
+        d_out_(d_out),
+        stride_d_(stride_d),
+        z_upper_(z_upper),
+        stride_z_(stride_z),
+        alpha_(alpha),
+        variance_scale_(std::move(variance_scale)),
+        scaled_(variance_scale_.size()),
+        ones_(variance_scale_.size(), 1.0),
+        batch_count_(batch_count) {}
+  int size() const override { return n_; }
+  void apply(const T* v, int ldv, std::int64_t stride_v, T* av, int ldav, std::int64_t stride_av, int cols, T sign,
+             const Batch& batch) override {
+    if (cols <= 0) return;
+    ensure_workspace(cols);
+    // projection = Dᵀ v   (d_out x cols)
+    backend_.gemm('N', 'N', d_out_, cols, n_, T(1), d_transposed_, d_out_, stride_d_, v, ldv, stride_v, T(0),
+                  projection_, d_out_, std::int64_t(d_out_) * workspace_cols_, batch);
+    // av = sign c Z⁻¹ v = U⁻¹ (U⁻ᵀ (sign c v))
+    backend_.copy_block(n_, cols, v, ldv, stride_v, av, ldav, stride_av, batch);
+    for (std::size_t b = 0; b < variance_scale_.size(); ++b) scaled_[b] = double(sign) * variance_scale_[b];
+    backend_.trsm_left('U', 'T', n_, cols, scaled_.data(), z_upper_, n_, stride_z_, av, ldav, stride_av, batch);
+    backend_.trsm_left('U', 'N', n_, cols, ones_.data(), z_upper_, n_, stride_z_, av, ldav, stride_av, batch);
+    // av += −α sign D projection
+    backend_.gemm('T', 'N', n_, cols, d_out_, T(-alpha_ * double(sign)), d_transposed_, d_out_, stride_d_, projection_,
+                  d_out_, std::int64_t(d_out_) * workspace_cols_, T(1), av, ldav, stride_av, batch);
+  }
+  ~LoraDAGuidanceOperator() override {
+    if (projection_ != nullptr) backend_.release(projection_);
+  }
+
+ private:
+  void ensure_workspace(int cols) {
+    if (cols <= workspace_cols_) return;
+    if (projection_ != nullptr) backend_.release(projection_);
+    projection_ = nullptr;
+    projection_ = backend_.allocate(std::size_t(d_out_) * cols * batch_count_);
+    workspace_cols_ = cols;
+  }
+
+  Backend<T>& backend_;
+  const T* d_transposed_;
+  int n_, d_out_;
+  std::int64_t stride_d_;
+  const T* z_upper_;
+  std::int64_t stride_z_;
+  double alpha_;
+  std::vector<double> variance_scale_, scaled_, ones_;
+  int batch_count_;
+  T* projection_ = nullptr;
+  int workspace_cols_ = 0;
+};
+
+}  // namespace lora_da

@@ -1,0 +1,64 @@
+// Runs one lora_da_solve_request on a given backend (shared by CPU and CUDA).
+#pragma once
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <vector>
+
+#include "backend.hpp"
+#include "lobpcg.hpp"
+#include "operators.hpp"
+#include "solve_request.h"
+
+namespace lora_da {
+
+template <typename T>
+void solve_on_backend(Backend<T>& backend, lora_da_solve_request& request) {
+  LobpcgOptions options;
+  options.k = request.k;
+  options.guard = request.guard;
+  options.largest = request.largest != 0;
+  options.tol = request.tol;
+  options.max_iter = request.max_iter;
+  options.seed = request.seed;
+  LobpcgReport report;
+  T* eigenvectors = static_cast<T*>(request.eigenvectors);
+  if (request.operator_kind == LORA_DA_OPERATOR_DENSE) {
+    DenseSymmetricOperator<T> op(backend, static_cast<const T*>(request.matrices), request.n, request.matrix_stride);
+    report = lobpcg(backend, op, request.batch, options, eigenvectors);
+  } else if (request.operator_kind == LORA_DA_OPERATOR_GUIDANCE) {
+    std::vector<double> scale(request.variance_scale, request.variance_scale + request.batch);
+    LoraDAGuidanceOperator<T> op(backend, static_cast<const T*>(request.d_transposed), request.n, request.d_out,
+                                 request.stride_d, static_cast<const T*>(request.z_upper), request.stride_z,
+                                 request.alpha, std::move(scale), request.batch);
+    report = lobpcg(backend, op, request.batch, options, eigenvectors);
+  } else {
+    throw BackendError("unknown operator kind");
+  }
+  std::copy(report.eigenvalues.begin(), report.eigenvalues.end(), request.eigenvalues);
+  std::copy(report.residual_norms.begin(), report.residual_norms.end(), request.residual_norms);
+  std::copy(report.iterations.begin(), report.iterations.end(), request.iterations);
+  std::copy(report.converged.begin(), report.converged.end(), request.converged);
+  std::copy(report.norm_estimate.begin(), report.norm_estimate.end(), request.norm_estimate);
+  request.dense_fallback = report.dense_fallback ? 1 : 0;
+  request.block_size = report.block_size;
+  request.tol_used = report.tol;
+}
+
+// Calls `body`, turning any exception into (nonzero, message).
+template <typename Body>
+int guarded_call(Body&& body, char* message, std::size_t message_size) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& error) {
+    std::snprintf(message, message_size, "%s", error.what());
+  } catch (...) {
+    std::snprintf(message, message_size, "unknown error in the lora_da solver");
+  }
+  return 1;
+}
+
+}  // namespace lora_da

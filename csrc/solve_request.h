@@ -1,0 +1,61 @@
+/* Plain C ABI between the pybind11 module and the solver entry points
+ * (the CPU one in solve_cpu.cpp, the CUDA one in cuda_backend.cu). */
+#ifndef LORA_DA_SOLVE_REQUEST_H
+#define LORA_DA_SOLVE_REQUEST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum lora_da_operator_kind { LORA_DA_OPERATOR_DENSE = 0, LORA_DA_OPERATOR_GUIDANCE = 1 };
+enum lora_da_dtype { LORA_DA_FLOAT32 = 0, LORA_DA_FLOAT64 = 1 };
+
+struct lora_da_solve_request {
+  /* problem (all pointers into memory of the solving device, column-major) */
+  int operator_kind;
+  int dtype;
+  int batch;
+  int n;
+  const void* matrices; /* dense: batch x n x n, `matrix_stride` elements apart */
+  int64_t matrix_stride;
+  const void* d_transposed; /* guidance: Dᵀ, d_out x n (ld d_out) per problem */
+  int d_out;
+  int64_t stride_d;
+  const void* z_upper; /* guidance: U with Z = UᵀU, n x n; stride 0 = shared */
+  int64_t stride_z;
+  double alpha;
+  const double* variance_scale; /* host, batch values of c (β folded in) */
+  /* options */
+  int k;
+  int guard;
+  int largest;
+  int max_iter;
+  double tol;
+  uint64_t seed;
+  uintptr_t stream; /* CUDA stream handle (0 = legacy default stream) */
+  /* outputs: eigenvectors on the device (batch x n x k), the rest on the host */
+  void* eigenvectors;
+  double* eigenvalues;    /* batch x k */
+  double* residual_norms; /* batch x k */
+  int* iterations;        /* batch */
+  unsigned char* converged;
+  double* norm_estimate; /* batch */
+  int dense_fallback;
+  int block_size;
+  double tol_used;
+};
+
+/* Each returns 0 on success, else writes a message and returns nonzero. */
+int lora_da_cpu_solve(struct lora_da_solve_request* request, char* message, size_t message_size);
+int lora_da_cuda_solve(struct lora_da_solve_request* request, char* message, size_t message_size);
+/* Whether the CUDA backend was compiled in (1) or not (0). */
+int lora_da_cuda_compiled(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
