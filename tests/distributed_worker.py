@@ -20,7 +20,7 @@ def all_batches():
 
 def shard(scenario: str, rank: int, world: int):
     data = all_batches()
-    if scenario in ("even", "raise"):
+    if scenario in ("even", "raise", "fsdp"):
         return data[rank::world]
     if scenario == "uneven":  # world 3: 4 batches, 2 batches, 1 batch whose mask keeps nothing
         if rank == 0:
@@ -68,6 +68,14 @@ def run(rank: int, world: int, port: int, scenario: str, out_dir: str) -> None:
         kwargs = dict(rank=RANK, train_size=TRAIN_SIZE, progress=False)
         if scenario == "even":
             model = torch.nn.parallel.DistributedDataParallel(model)
+        if scenario == "fsdp":  # FSDP2: parameters sharded, forward hooks see full activations
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         if scenario == "uneven":
             kwargs["gather_to"] = 0
         if scenario == "raise":

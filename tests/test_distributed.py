@@ -73,6 +73,15 @@ def test_two_ranks_ddp_equal_one_process(tmp_path):
         assert got["backends"]["distributed"] == "torch.distributed (gloo, 2 ranks)"
 
 
+def test_two_ranks_fsdp2_equal_one_process(tmp_path):
+    results, errors = spawn(2, "fsdp", tmp_path)
+    assert not errors, errors
+    expected = single_process(worker.union("fsdp"))
+    for rank in (0, 1):
+        assert results[rank]["num_tokens"] == expected["num_tokens"]
+        assert_same_init(results[rank], expected)
+
+
 def test_three_uneven_ranks_gather_to_rank0(tmp_path):
     results, errors = spawn(3, "uneven", tmp_path)
     assert not errors, errors

@@ -199,21 +199,3 @@ def lora_da_subspace(
     eigenvalues, vectors = dense_eigenpairs(prepared, input_factor, rank=rank, alpha=alpha, beta=beta)
     return subspace_from_eigenpairs(prepared, eigenvalues, vectors)
 
-
-def lora_da_factors(
-    name: str,
-    gradient: torch.Tensor,
-    input_factor: InputFactor,
-    output_factor_diag: torch.Tensor,
-    *,
-    rank: int,
-    alpha: float,
-    beta: float,
-    gamma: float,
-    damping: float,
-    train_size: int,
-) -> ModuleFactors:
-    """Steps 1-7 for one module, in float64, with the dense eigensolver; factors returned in float32."""
-    prepared = prepare_module(name, gradient, input_factor, output_factor_diag, damping=damping, train_size=train_size)
-    eigenvalues, vectors = dense_eigenpairs(prepared, input_factor, rank=rank, alpha=alpha, beta=beta)
-    return finish_module(name, prepared, eigenvalues, vectors, gamma=gamma)
