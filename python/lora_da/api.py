@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import LoraDAConfig, TargetModules, TokenMask
 from .method import InputFactor, lora_da_factors, prepare_input_factor
@@ -120,7 +121,9 @@ def solve_modules(stats: KFACStatistics, config: LoraDAConfig, train_size: int) 
     """Steps 1-7 of SPEC.md for every module; ``Z`` is factored once per input group."""
     prepared: Dict[int, InputFactor] = {}
     result: Dict[str, ModuleInit] = {}
-    for name, module_stats in stats.modules.items():
+    bar = tqdm(stats.modules.items(), total=len(stats.modules), desc="lora-da solves", unit="module",
+               disable=not config.progress, leave=False)
+    for name, module_stats in bar:
         group_index = module_stats.group_index
         group = stats.groups[group_index]
         if group_index not in prepared:
