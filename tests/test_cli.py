@@ -297,3 +297,17 @@ def test_trainer_example_runs_as_written(tmp_path):
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
     loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter"))
     assert loaded.peft_config["default"].r == 4
+
+
+def test_rows_whose_loss_is_cut_off_are_skipped(tmp_path):
+    from lora_da.data import DataError, load_calibration_samples
+
+    tok = tiny_tokenizer()
+    long_prompt = {"prompt": " ".join(["cat"] * 40), "response": "two dog"}
+    rows = [{"text": "a big cat"}, long_prompt, {"prompt": "how many", "response": "one"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    samples = load_calibration_samples(path, tok, 2, max_length=16)
+    assert [s.line for s in samples] == [1, 3]
+    with pytest.raises(DataError, match="has 2 usable row"):
+        load_calibration_samples(path, tok, 3, max_length=16)
+    assert len(load_calibration_samples(path, tok, 3, max_length=64)) == 3

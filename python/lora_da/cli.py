@@ -121,10 +121,11 @@ def encode_data(data: Any, tokenizer, num_samples: int, max_length: int, truncat
     try:
         if isinstance(data, str):
             return load_calibration_samples(data, tokenizer, num_samples, max_length=max_length, truncate=truncate)
-        rows = list(enumerate(data[:num_samples], start=1))
-        if len(rows) < num_samples:
-            raise DataError(f"{len(rows)} rows but --samples {num_samples} were asked")
-        return encode_rows(rows, tokenizer, max_length=max_length, truncate=truncate, path="<demo data>")
+        rows = list(enumerate(data, start=1))
+        samples = encode_rows(rows, tokenizer, max_length=max_length, truncate=truncate, path="<data>", limit=num_samples)
+        if len(samples) < num_samples:
+            raise DataError(f"{len(samples)} usable rows but --samples {num_samples} were asked")
+        return samples
     except DataError as error:
         raise UsageError(str(error)) from None
 

@@ -162,6 +162,39 @@ def _encode_messages(tokenizer, row: dict, where: str, warned: Dict[str, bool]) 
     return ids, labels
 
 
+def encode_row(number: int, row: dict, tokenizer: Any, *, max_length: int, truncate: bool, path: str,
+               warned: Optional[Dict[str, bool]] = None) -> Optional[EncodedSample]:
+    """One row as a sample; ``None`` when cutting it to ``max_length`` leaves no
+    token with a loss (e.g. a prompt longer than ``max_length``)."""
+    where = f"{path}:{number}"
+    kind = row_format(row, where)
+    if kind == "text":
+        ids, labels = _encode_text(tokenizer, row, where)
+    elif kind == "prompt/response":
+        ids, labels = _encode_prompt_response(tokenizer, row, where)
+    else:
+        ids, labels = _encode_messages(tokenizer, row, where, {} if warned is None else warned)
+    if len(ids) < 2:
+        raise DataError(f"{where}: {len(ids)} token(s); a causal LM needs at least 2 to have a loss")
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        raise DataError(f"{where}: no token carries loss (empty response or assistant turn?)")
+    truncated = False
+    if len(ids) > max_length:
+        if not truncate:
+            raise DataError(
+                f"{where}: {len(ids)} tokens, longer than --max-length {max_length} (drop --no-truncate to cut it)"
+            )
+        ids, labels, truncated = ids[:max_length], labels[:max_length], True
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            return None
+    return EncodedSample(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long),
+        line=number,
+        truncated=truncated,
+    )
+
+
 def encode_rows(
     rows: Sequence[Tuple[int, dict]],
     tokenizer: Any,
@@ -169,40 +202,26 @@ def encode_rows(
     max_length: int,
     truncate: bool = True,
     path: str = "data",
+    limit: Optional[int] = None,
 ) -> List[EncodedSample]:
-    """Tokenize ``(line, row)`` pairs; sequences longer than ``max_length`` are cut
-    (or, with ``truncate=False``, rejected). A row whose loss tokens all fall
-    beyond ``max_length`` is an error (it would carry no loss)."""
+    """Tokenize ``(line, row)`` pairs, at most ``limit`` samples. Sequences longer
+    than ``max_length`` are cut (or, with ``truncate=False``, rejected); rows
+    left with no loss token by the cut are skipped (logged)."""
     warned: Dict[str, bool] = {}
-    samples = []
+    samples: List[EncodedSample] = []
+    skipped: List[int] = []
     for number, row in rows:
-        where = f"{path}:{number}"
-        kind = row_format(row, where)
-        if kind == "text":
-            ids, labels = _encode_text(tokenizer, row, where)
-        elif kind == "prompt/response":
-            ids, labels = _encode_prompt_response(tokenizer, row, where)
+        if limit is not None and len(samples) >= limit:
+            break
+        sample = encode_row(number, row, tokenizer, max_length=max_length, truncate=truncate, path=path, warned=warned)
+        if sample is None:
+            skipped.append(number)
         else:
-            ids, labels = _encode_messages(tokenizer, row, where, warned)
-        if len(ids) < 2:
-            raise DataError(f"{where}: {len(ids)} token(s); a causal LM needs at least 2 to have a loss")
-        truncated = False
-        if len(ids) > max_length:
-            if not truncate:
-                raise DataError(
-                    f"{where}: {len(ids)} tokens, longer than --max-length {max_length} (drop --no-truncate to cut it)"
-                )
-            ids, labels, truncated = ids[:max_length], labels[:max_length], True
-        if all(label == IGNORE_INDEX for label in labels[1:]):
-            what = "after truncation to --max-length " + str(max_length) if truncated else "at all"
-            raise DataError(f"{where}: no token carries loss {what} (empty response or assistant turn?)")
-        samples.append(
-            EncodedSample(
-                input_ids=torch.tensor(ids, dtype=torch.long),
-                labels=torch.tensor(labels, dtype=torch.long),
-                line=number,
-                truncated=truncated,
-            )
+            samples.append(sample)
+    if skipped:
+        logger.warning(
+            "%d row(s) skipped: no token with a loss within --max-length %d (first: %s:%d)",
+            len(skipped), max_length, path, skipped[0],
         )
     return samples
 
@@ -210,12 +229,14 @@ def encode_rows(
 def load_calibration_samples(
     path: str, tokenizer: Any, num_samples: int, *, max_length: int, truncate: bool = True
 ) -> List[EncodedSample]:
-    """The first ``num_samples`` rows of a JSONL file, tokenized; fewer rows than
-    asked is an error."""
-    rows = read_jsonl(path, limit=num_samples)
-    if len(rows) < num_samples:
+    """The first ``num_samples`` usable rows of a JSONL file, tokenized; fewer
+    than asked is an error."""
+    rows = read_jsonl(path)
+    samples = encode_rows(rows, tokenizer, max_length=max_length, truncate=truncate, path=path, limit=num_samples)
+    if len(samples) < num_samples:
+        usable = "usable " if len(samples) < len(rows) else ""
         raise DataError(
-            f"{path} has {len(rows)} row(s) but --samples {num_samples} were asked; pass --samples {len(rows)} "
-            "or add data"
+            f"{path} has {len(samples)} {usable}row(s) but --samples {num_samples} were asked; "
+            f"pass --samples {len(samples)} or add data"
         )
-    return encode_rows(rows, tokenizer, max_length=max_length, truncate=truncate, path=path)
+    return samples
