@@ -311,3 +311,35 @@ def test_rows_whose_loss_is_cut_off_are_skipped(tmp_path):
     with pytest.raises(DataError, match="has 2 usable row"):
         load_calibration_samples(path, tok, 3, max_length=16)
     assert len(load_calibration_samples(path, tok, 3, max_length=64)) == 3
+
+
+def test_report_balance_and_files(tmp_path):
+    from lora_da.report import variance_to_bias, write_report
+
+    loader = _tiny_loader()
+    for beta in (0.0, 0.5):
+        init = lora_da.initialize(tiny_llama(), loader, rank=RANK, train_size=10, beta=beta, progress=False)
+        ratios = [variance_to_bias(init, name) for name in init.modules]
+        if beta == 0.0:  # λᵢ is then exactly the bias part −αγ‖lora_B[:, i]‖²
+            assert max(abs(r) for r in ratios) < 1e-5
+        else:
+            assert min(ratios) > 1e-4
+    paths = write_report(init, str(tmp_path), phases={"load model": 0.5})
+    report = json.loads((tmp_path / "lora_da_report.json").read_text())
+    assert report["phases_s"] == {"load model": 0.5}
+    assert "variance_to_bias" in report["modules"]["model.layers.1.mlp.down_proj"]
+    if lora_da.report.have_matplotlib():
+        assert len(paths) == 3 and (tmp_path / "lora_da_report.png").stat().st_size > 10_000
+
+
+def test_bench_prints_table(model_dir, data_file, tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    args = ["bench", "--model", model_dir, "--data", data_file, "--rank", str(RANK), "--samples", "8",
+            "--max-length", "64", "--quiet", "--json", str(out_json)]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    for row in ("plain forward+backward", "lora-da statistics pass", "lora-da solves", "lora-da total", "init overhead"):
+        assert row in text
+    numbers = json.loads(out_json.read_text())
+    assert numbers["samples"] == 8 and numbers["seconds"]["plain forward+backward"] > 0
+    assert cli.main(["bench", "--model", str(tmp_path / "nope"), "--data", data_file]) == 2

@@ -484,11 +484,28 @@ def cmd_bench(args) -> int:
 # -- parser ----------------------------------------------------------------------------
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows ``(default: X)`` only for options with a meaningful default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (
+            default not in (None, False, argparse.SUPPRESS)
+            and "default" not in text
+            and action.option_strings
+            and not isinstance(action, argparse._HelpAction)
+        ):
+            text += f" (default: {default})"
+        return text
+
+    def _metavar_formatter(self, action, default_metavar):
+        if action.metavar is None and action.type in (int, float):
+            action.metavar = "N" if action.type is int else "X"
+        return super()._metavar_formatter(action, default_metavar)
 
 
-def _add_model_data(p: argparse.ArgumentParser, *, need_model: bool = True) -> None:
+def _add_model_data(p: argparse.ArgumentParser, *, need_model: bool = True, max_length: Optional[int] = None) -> None:
     if need_model:
         p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face causal-LM directory (config.json, weights, tokenizer)")
         p.add_argument(
@@ -502,8 +519,9 @@ def _add_model_data(p: argparse.ArgumentParser, *, need_model: bool = True) -> N
     p.add_argument(
         "--max-length",
         type=int,
-        default=None,
-        help=f"cut longer sequences to this many tokens (default: {DEFAULT_MAX_LENGTH} or the model's max positions)",
+        default=max_length,
+        help="cut longer sequences to this many tokens"
+        + ("" if max_length else f" (default: {DEFAULT_MAX_LENGTH} or the model's max positions if fewer)"),
     )
     p.add_argument("--no-truncate", action="store_true", help="reject sequences longer than --max-length instead of cutting them")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward+backward (does not change the result)")
@@ -519,6 +537,12 @@ def _add_model_data(p: argparse.ArgumentParser, *, need_model: bool = True) -> N
         "(default: every nn.Linear but the output head)",
     )
     p.add_argument("--train-size", type=int, default=None, help="fine-tuning set size N (default: the data file's rows)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (torch.set_num_threads); on a busy shared CPU, 1 can be much faster",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
@@ -596,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--tiny", action="store_true", help="use the built-in tiny random Llama (seconds, no extras)")
     demo.add_argument("--out", default="lora-da-demo", metavar="DIR", help="where the adapter and report go (replaced)")
-    _add_model_data(demo, need_model=False)
-    demo.set_defaults(samples=32, max_length=256, train_size=None)
+    _add_model_data(demo, need_model=False, max_length=256)
+    demo.set_defaults(samples=32)
     _add_hyper(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -644,6 +668,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exit_:  # argparse: 2 on bad usage, 0 on --help
         return int(exit_.code or 0)
     _configure_logging(args.quiet)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except UsageError as error:

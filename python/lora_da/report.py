@@ -9,8 +9,9 @@ The figure shows, per module type (``q_proj``, ``down_proj``, ...):
   well-determined subspace. Eigenvalues past ``r`` are shown when the init
   holds them (``ModuleInit.spectrum``, see :meth:`LoraInit.truncate`);
 * ``σ = σ_max(Δ)`` per layer (the size of the natural-gradient step);
-* the bias/variance balance ``β·c/α`` per layer: the weight of the variance
-  term ``βcZ⁻¹`` relative to the bias term ``−αΔ̂Δ̂ᵀ`` (whose norm is ``α``);
+* the bias/variance balance per layer: on the chosen directions, the size of
+  the variance term ``βcZ⁻¹`` relative to the bias term ``−αΔ̂Δ̂ᵀ``
+  (:func:`variance_to_bias`);
 * the wall time of each phase.
 """
 
@@ -53,6 +54,23 @@ def _by_type(init: "LoraInit") -> Dict[str, List[Tuple[int, str]]]:
     return {kind: sorted(members) for kind, members in groups.items()}
 
 
+def variance_to_bias(init: "LoraInit", name: str) -> float:
+    """Size of Ω's variance term relative to its bias term on the chosen subspace.
+
+    For each chosen eigenvector ``aᵢ`` (``λᵢ = aᵢᵀΩaᵢ``) the bias part is
+    ``−α‖Δ̂ᵀaᵢ‖² = −αγ‖lora_B[:, i]‖²`` (as ``B₀ = A₀ᵀΔ̂``) and the variance part
+    ``βc·aᵢᵀZ⁻¹aᵢ = λᵢ − bias``. Returns ``Σ variance / Σ |bias|`` over the ``r``
+    directions: ≪ 1 means the init is driven by the gradient (bias) term.
+    """
+    m = init.modules[name]
+    cfg = init.config
+    bias = -cfg.alpha * cfg.gamma * m.lora_B.double().pow(2).sum(dim=0)
+    values = m.eigenvalues.double()[: bias.numel()]
+    variance = values - bias
+    total_bias = float(bias.abs().sum())
+    return float(variance.sum()) / total_bias if total_bias > 0 else float("nan")
+
+
 def have_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
@@ -86,7 +104,7 @@ def figure(init: "LoraInit", phases: Optional[Dict[str, float]] = None, title: O
             shade = 0.5 if high == low else (layer - low) / (high - low)
             ax.plot(range(1, len(values) + 1), values, marker=".", lw=0.8, ms=3, color=colormap(shade), alpha=0.8)
         ax.axvline(rank + 0.5, color="crimson", ls="--", lw=1)
-        ax.text(rank + 0.5, 1.0, f" r={rank}", color="crimson", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+        ax.text(rank + 0.5, 0.04, f" r={rank}", color="crimson", transform=ax.get_xaxis_transform(), va="bottom", fontsize=8)
         ax.set_title(f"{kind}: smallest eigenvalues of Ω", fontsize=9)
         ax.set_xlabel("index i (ascending)", fontsize=8)
         ax.set_ylabel("λ_i(Ω)", fontsize=8)
@@ -99,26 +117,24 @@ def figure(init: "LoraInit", phases: Optional[Dict[str, float]] = None, title: O
     ax_sigma = fig.add_subplot(grid[bottom, 0:2])
     ax_balance = fig.add_subplot(grid[bottom, 2])
     ax_time = fig.add_subplot(grid[bottom, 3])
-    alpha = init.config.alpha
     for kind in kinds:
         layers = [layer for layer, _ in groups[kind]]
         ax_sigma.plot(layers, [init.modules[n].sigma for _, n in groups[kind]], marker="o", ms=3, lw=1, label=kind)
-        balance = [init.config.beta * init.modules[n].variance_scale / alpha if alpha else float("nan") for _, n in groups[kind]]
+        balance = [variance_to_bias(init, n) for _, n in groups[kind]]
         ax_balance.plot(layers, balance, marker="o", ms=3, lw=1, label=kind)
     ax_sigma.set_yscale("log")
     ax_sigma.set_title("σ = σ_max(Δ) per layer (natural-gradient step size)", fontsize=9)
     ax_sigma.set_xlabel("layer", fontsize=8)
     ax_sigma.legend(fontsize=7, ncol=2)
     ax_sigma.tick_params(labelsize=7)
-    ax_balance.set_yscale("log")
-    ax_balance.set_title("bias/variance balance β·c/α", fontsize=9)
+    ax_balance.set_yscale("symlog", linthresh=1e-3)
+    ax_balance.set_title("variance / |bias| term of Ω on the chosen r directions", fontsize=9)
     ax_balance.set_xlabel("layer", fontsize=8)
     ax_balance.tick_params(labelsize=7)
 
     timings = dict(phases) if phases else {}
-    for phase, seconds in init.timings.items():
-        if phase != "total":
-            timings.setdefault(f"init: {phase}", seconds)
+    if not timings:
+        timings = {phase: seconds for phase, seconds in init.timings.items() if phase != "total"}
     names = list(timings)
     bars = ax_time.barh(names, [timings[n] for n in names], color="steelblue")
     ax_time.bar_label(bars, labels=[f"{timings[n]:.2f}s" for n in names], fontsize=7, padding=2)
@@ -154,6 +170,8 @@ def write_report(
     report = init.report()
     if phases:
         report["phases_s"] = dict(phases)
+    for name, entry in report.get("modules", {}).items():
+        entry["variance_to_bias"] = variance_to_bias(init, name)
     if extra:
         report.update(extra)
     paths = [os.path.join(directory, JSON_NAME)]
