@@ -324,7 +324,7 @@ def collect_statistics(
                 stats.num_samples += losses.numel()
                 stats.skipped_samples += _batch_size(batch) - losses.numel() if loss_fn is causal_lm_per_sample_loss else 0
                 elapsed = bar.format_dict.get("elapsed") or 0.0
-                bar.set_postfix(tokens=stats.num_tokens, tok_per_s=f"{stats.num_tokens / max(elapsed, 1e-9):.0f}", refresh=False)
+                bar.set_postfix(tokens=stats.num_tokens, tok_per_s=f"{stats.num_tokens / max(elapsed, 1e-9):.0f}")
         finally:
             bar.close()
             collector._reset_batch()
