@@ -180,6 +180,13 @@ def test_overwrite_rules(model_dir, data_file, tmp_path):
     assert os.listdir(out) == ["keep.txt"]
     assert cli.main(init_args(model_dir, data_file, out, "--overwrite", "--no-visual")) == 0
     assert "keep.txt" not in os.listdir(out) and "adapter_config.json" in os.listdir(out)
+    # the demo replaces only an earlier lora-da output
+    cli.check_out(str(out), cli.REPLACE_OWN_OUTPUT)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(cli.UsageError, match="not an earlier lora-da output"):
+        cli.check_out(str(other), cli.REPLACE_OWN_OUTPUT)
 
 
 # -- bad input: exit 2, one line, nothing written ------------------------------------------

@@ -147,11 +147,22 @@ def count_rows(path: str) -> int:
 # -- output ----------------------------------------------------------------------------
 
 
-def check_out(out: str, overwrite: bool) -> None:
-    """Refuse an existing non-empty ``--out`` (before doing any work) unless ``overwrite``."""
+REPLACE_OWN_OUTPUT = "own-output"
+
+
+def check_out(out: str, overwrite) -> None:
+    """Refuse an existing non-empty ``--out`` (before doing any work) unless
+    ``overwrite`` (``REPLACE_OWN_OUTPUT``: only an earlier lora-da output)."""
     if os.path.isfile(out):
         raise UsageError(f"--out {out} is a file")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    if not (os.path.isdir(out) and os.listdir(out)):
+        return
+    from .report import JSON_NAME
+
+    if overwrite == REPLACE_OWN_OUTPUT:
+        if not os.path.exists(os.path.join(out, JSON_NAME)):
+            raise UsageError(f"--out {out} exists and is not an earlier lora-da output; choose another --out")
+    elif not overwrite:
         raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
 
 
@@ -338,7 +349,7 @@ def cmd_demo(args) -> int:
         raise UsageError(str(error)) from None
     prepare = time.perf_counter() - start
     args.model = model_dir
-    args.overwrite = True
+    args.overwrite = args.overwrite or REPLACE_OWN_OUTPUT
     print(f"SmolLM2-135M-Instruct: {model_dir} (converted from GGUF and cached; ready in {prepare:.1f}s)")
     print(f"data: {args.samples} GSM8K-style problems from reasoning-gym (gsm_symbolic, seed {args.seed})")
     init, phases, out = run_init(args, rows, title="lora-da demo: SmolLM2-135M-Instruct on gsm_symbolic")
@@ -619,7 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     demo.add_argument("--tiny", action="store_true", help="use the built-in tiny random Llama (seconds, no extras)")
-    demo.add_argument("--out", default="lora-da-demo", metavar="DIR", help="where the adapter and report go (replaced)")
+    demo.add_argument(
+        "--out", default="lora-da-demo", metavar="DIR", help="where the adapter and report go (an earlier demo output there is replaced)"
+    )
     _add_model_data(demo, need_model=False, max_length=256)
     demo.set_defaults(samples=32)
     _add_hyper(demo)
