@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import distributed
 from .config import LoraDAConfig, TargetModules, TokenMask
@@ -211,6 +212,7 @@ def solve_modules(
 
     def module_init(name: str, eigenvalues: torch.Tensor, vectors: torch.Tensor) -> ModuleInit:
         factors = finish_module(name, prepared[name], eigenvalues, vectors, gamma=config.gamma)
+        bar.update(1)
         return ModuleInit(
             name=name,
             lora_A=factors.lora_A,
@@ -223,12 +225,14 @@ def solve_modules(
         )
 
     result: Dict[str, ModuleInit] = {}
+    bar = tqdm(total=len(names), desc="lora-da solves", unit="module", disable=not config.progress, leave=False)
     if config.solver == "eigh":
         for name in names:
             eigenvalues, vectors = dense_eigenpairs(
                 prepared[name], input_factors[name], rank=config.rank, alpha=config.alpha, beta=config.beta
             )
             result[name] = module_init(name, eigenvalues, vectors)
+        bar.close()
         return result, EIGH_BACKEND
 
     shapes: Dict[Tuple[int, int], List[str]] = {}
@@ -255,6 +259,7 @@ def solve_modules(
                 result[name] = module_init(name, eigenvalues, vectors)
             else:
                 result[name] = module_init(name, solution.eigenvalues[index], solution.eigenvectors[index])
+    bar.close()
     backend = ", ".join(sorted(backends))
     if redone:
         warnings.warn(

@@ -90,9 +90,10 @@ def save_adapter(
     """Write a PEFT adapter directory (see :meth:`LoraInit.save_pretrained`)."""
     if init.config.preserve_output:
         raise ValueError(
-            "this LoraInit was made with preserve_output=True, which changes the base weights: "
-            "a plain adapter on the unmodified base cannot reproduce it. Save the PEFT model after "
-            "apply() together with its modified base, or initialize with preserve_output=False"
+            "this LoraInit was made with preserve_output=True: its init is no change at all on the "
+            "unmodified base, so there is no adapter to save before training. After training, save with "
+            "lora_da.peft_glue.save_as_plain_lora(peft_model, init, dir), which writes a plain "
+            "rank-2r LoRA adapter for the unmodified base"
         )
     try:
         from peft import LoraConfig
@@ -119,3 +120,120 @@ def save_adapter(
     save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(save_directory, "lora_da_init.json"), "w") as f:
         json.dump(init.report(), f, indent=2)
+
+
+def _require_peft():
+    try:
+        import peft
+    except ImportError as error:  # pragma: no cover
+        raise ImportError("this needs peft: pip install 'lora-da[hf]'") from error
+    return peft
+
+
+def get_peft_model_with_init(
+    model: nn.Module,
+    init: "LoraInit",
+    *,
+    lora_alpha: Optional[float] = None,
+    adapter_name: str = "default",
+    **lora_config_kwargs,
+):
+    """Wrap ``model`` in a PEFT LoRA model whose adapter starts at ``init``.
+
+    One call for ``get_peft_model(model, LoraConfig(r=init.config.rank,
+    target_modules=<init's modules>, lora_alpha=..., **lora_config_kwargs))``
+    followed by ``init.apply(peft_model)``. ``lora_alpha`` (PEFT's default
+    when ``None``) and e.g. ``use_rslora``, ``lora_dropout`` go to the
+    ``LoraConfig``; ``r`` and ``target_modules`` come from ``init``.
+
+    With ``preserve_output=True`` the base weights of ``model`` are modified in
+    place (``W − s·B₀A₀``). Do not ship them: after training, save with
+    :func:`save_as_plain_lora`, which writes an adapter for the *unmodified*
+    base. (``peft_model.save_pretrained`` would write an adapter that is only
+    right on the modified base.)
+    """
+    peft = _require_peft()
+    for key in ("r", "target_modules"):
+        if key in lora_config_kwargs:
+            raise ValueError(f"'{key}' comes from the LoraInit; do not pass it")
+    if lora_alpha is not None:
+        lora_config_kwargs["lora_alpha"] = lora_alpha
+    config = peft.LoraConfig(r=init.config.rank, target_modules=sorted(init.modules), **lora_config_kwargs)
+    peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+    init.apply(peft_model, adapter_name=adapter_name)
+    return peft_model
+
+
+def plain_lora_state(
+    peft_model: nn.Module, init: "LoraInit", adapter_name: str = "default"
+) -> Dict[str, torch.Tensor]:
+    """Rank-2r factors of ``ΔW = s(B'A' − B₀A₀) = s[B' | −B₀][A' ; A₀]`` for every module of ``init``.
+
+    ``A'``/``B'`` are the adapter's current (trained) factors, ``A₀``/``B₀`` the
+    init's, cast to the adapter's dtype as :meth:`LoraInit.apply` did when it
+    subtracted ``s·B₀A₀`` from the base. Keys as in a PEFT adapter file.
+    """
+    layers = _lora_layers(peft_model, adapter_name)
+    tensors = {}
+    for name, module_init in init.modules.items():
+        layer = _find_layer(layers, name)
+        a_param = layer.lora_A[adapter_name].weight.detach()
+        b_param = layer.lora_B[adapter_name].weight.detach()
+        a0 = module_init.lora_A.to(dtype=a_param.dtype).to("cpu", torch.float32)
+        b0 = module_init.lora_B.to(dtype=b_param.dtype).to("cpu", torch.float32)
+        a_cat = torch.cat([a_param.to("cpu", torch.float32), a0], dim=0)
+        b_cat = torch.cat([b_param.to("cpu", torch.float32), -b0], dim=1)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a_cat.to(a_param.dtype).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b_cat.to(b_param.dtype).contiguous()
+    return tensors
+
+
+def save_as_plain_lora(
+    peft_model: nn.Module,
+    init: "LoraInit",
+    save_directory: str,
+    *,
+    adapter_name: str = "default",
+    base_model_name_or_path: Optional[str] = None,
+) -> None:
+    """Save a (trained) PEFT model made with a ``preserve_output=True`` init as a
+    plain LoRA adapter for the **unmodified** base model.
+
+    The PEFT model's base is ``W − s·B₀A₀``; its adapter adds ``s·B'A'``. On the
+    original ``W`` the same function is ``W + s(B'A' − B₀A₀)``, a rank-``2r``
+    LoRA adapter ``[A'; A₀]``, ``[B' | −B₀]`` with the same scaling ``s``
+    (``lora_alpha`` doubled, or multiplied by √2 with rsLoRA, since ``r``
+    doubles). This is what PEFT does for PiSSA/OLoRA
+    (``path_initial_model_for_weight_conversion``). The directory loads with
+    ``PeftModel.from_pretrained(original_base, save_directory)``.
+    """
+    peft = _require_peft()
+    from safetensors.torch import save_file
+
+    if not init.config.preserve_output:
+        raise ValueError(
+            "this LoraInit has preserve_output=False: the base weights were not modified, "
+            "save the PEFT model with peft_model.save_pretrained(dir) as usual"
+        )
+    source = peft_model.peft_config[adapter_name]
+    if source.rank_pattern or source.alpha_pattern:
+        raise ValueError("adapters with rank_pattern/alpha_pattern are not supported by save_as_plain_lora")
+    if source.bias != "none" or getattr(source, "modules_to_save", None):
+        raise ValueError("save_as_plain_lora saves LoRA factors only: use bias='none' and no modules_to_save")
+    rank = int(source.r)
+    lora_alpha = float(source.lora_alpha) * (2**0.5 if source.use_rslora else 2.0)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = source.base_model_name_or_path
+    config = peft.LoraConfig(
+        r=2 * rank,
+        lora_alpha=lora_alpha,
+        use_rslora=source.use_rslora,
+        target_modules=sorted(init.modules),
+        base_model_name_or_path=base_model_name_or_path,
+        init_lora_weights=True,
+        task_type=source.task_type,
+    )
+    tensors = plain_lora_state(peft_model, init, adapter_name)
+    os.makedirs(save_directory, exist_ok=True)
+    config.save_pretrained(save_directory)
+    save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})

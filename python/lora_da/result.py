@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -24,6 +25,9 @@ class ModuleInit:
     variance_scale: float  # c = Σ 1/(y+λ) / N / σ²
     damping: float  # λ finally added to Z (see lora_da.method for the escalation rule)
     input_group: Tuple[str, ...]  # modules sharing this module's input factor Z
+    # Smallest eigenvalues of Ω beyond the r above, when they were computed
+    # (see LoraInit.truncate); None otherwise. Ascending, starts with `eigenvalues`.
+    spectrum: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -59,6 +63,30 @@ class LoraInit:
         for module_init in self.modules.values():
             seen.setdefault(module_init.input_group, None)
         return list(seen)
+
+    def truncate(self, rank: int) -> "LoraInit":
+        """The rank-``rank`` init contained in this one, keeping every computed
+        eigenvalue of Ω in ``ModuleInit.spectrum`` (for the visual report).
+
+        Ω does not depend on the rank, so the rank-``r`` init is the first ``r``
+        eigenpairs of a rank-``r + k`` one: ``lora_da.initialize(..., rank=r + k)``
+        followed by ``.truncate(r)`` gives the rank-``r`` factors (exactly so
+        with the dense solver, to solver tolerance with an iterative one) plus
+        the ``k`` next eigenvalues, which show the gap at ``r``.
+        """
+        if not 1 <= rank <= self.config.rank:
+            raise ValueError(f"rank must lie in [1, {self.config.rank}], got {rank}")
+        modules = {}
+        for name, m in self.modules.items():
+            spectrum = m.spectrum if m.spectrum is not None else m.eigenvalues
+            modules[name] = dataclasses.replace(
+                m,
+                lora_A=m.lora_A[:rank].contiguous(),
+                lora_B=m.lora_B[:, :rank].contiguous(),
+                eigenvalues=m.eigenvalues[:rank].clone(),
+                spectrum=spectrum.clone(),
+            )
+        return dataclasses.replace(self, modules=modules, config=dataclasses.replace(self.config, rank=rank))
 
     def apply(self, peft_model: nn.Module, adapter_name: str = "default") -> None:
         """Write the factors into the LoRA layers of a PEFT model in place.
@@ -124,6 +152,7 @@ class LoraInit:
                     "variance_scale": m.variance_scale,
                     "damping": m.damping,
                     "eigenvalues": [float(v) for v in m.eigenvalues],
+                    **({"spectrum": [float(v) for v in m.spectrum]} if m.spectrum is not None else {}),
                 }
                 for name, m in self.modules.items()
             },

@@ -420,7 +420,8 @@ def collect_statistics(
                 stats.num_tokens += batch_tokens
                 stats.num_samples += losses.numel()
                 stats.skipped_samples += _batch_size(batch) - losses.numel() if loss_fn is causal_lm_per_sample_loss else 0
-                bar.set_postfix(tokens=stats.num_tokens, refresh=False)
+                elapsed = bar.format_dict.get("elapsed") or 0.0
+                bar.set_postfix(tokens=stats.num_tokens, tok_per_s=f"{stats.num_tokens / max(elapsed, 1e-9):.0f}")
                 _maybe_checkpoint(checkpoint, collector)
         finally:
             bar.close()
