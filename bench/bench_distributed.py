@@ -74,8 +74,8 @@ def main():
     worst_sigma = max(abs(multi["factors"][n][2] - m.sigma) / m.sigma for n, m in single.modules.items())
     print(f"tiny Llama float64: {args.layers} layers, hidden {args.hidden}, {args.samples} samples, "
           f"{len(single.modules)} modules, {single.num_tokens} tokens; 1 thread per process")
-    print(f"| processes | init wall s | statistics s | all-reduce s | solve s | gather s |")
-    print(f"|---|---|---|---|---|---|")
+    print("| processes | init wall s | statistics s | all-reduce s | solve s | gather s |")
+    print("|---|---|---|---|---|---|")
     t = single.timings
     print(f"| 1 | {single_seconds:.3f} | {t['statistics']:.3f} | - | {t['solve']:.3f} | - |")
     t = multi["timings"]

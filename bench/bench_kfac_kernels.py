@@ -91,7 +91,6 @@ def bench_input_factor(tokens: int, d_in: int, kernels, reference) -> dict:
     row["bf16_matmul_s"] = cuda_time(bf16_matmul)
     row["bf16_same_shape_tflops"] = flops_full / cuda_time(same_shape_bf16) / 1e12
     row["triton_tflops"] = flops_half / row["triton_s"] / 1e12
-    del a_masked
     torch.cuda.empty_cache()
     return row
 

@@ -89,7 +89,7 @@ def principal_angle(a: torch.Tensor, b: torch.Tensor) -> float:
 def oracle_statistics(model: SharedInputMLP, loader):
     """G (mean over samples of per-sample gradients), Z and y (means over valid tokens)."""
     W1a, W1b, W2 = model.fc1a.weight, model.fc1b.weight, model.fc2.weight
-    d_in, d_hidden, d_out = W1a.shape[1], W1a.shape[0], W2.shape[0]
+    d_in, d_hidden = W1a.shape[1], W1a.shape[0]
     Z1 = torch.zeros(d_in, d_in, dtype=torch.float64)
     Z2 = torch.zeros(d_hidden, d_hidden, dtype=torch.float64)
     y = {name: torch.zeros(W.shape[0], dtype=torch.float64) for name, W in (("fc1a", W1a), ("fc1b", W1b), ("fc2", W2))}

@@ -5,7 +5,6 @@ and several: sigma and eigenvalues agree to 1e-6 relative (expect ~1e-12),
 float32 factors to float32 resolution.
 """
 
-import os
 import socket
 
 import pytest

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lora_da
-from lora_da.models import batches, collate, synthetic_samples, tiny_llama
+from lora_da.models import batches, synthetic_samples, tiny_llama
 from lora_da.targets import find_target_modules
 
 from helpers import principal_angle
@@ -69,7 +69,7 @@ def test_statistics_match_autograd_and_plain_hooks():
     # independent G: ordinary backward of the summed per-sample losses into param.grad
     reference = tiny_llama(dtype=torch.float64)
     reference.train(False)
-    per_sample_total, samples = 0.0, 0
+    samples = 0
     for batch in loader:
         logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         token_loss = torch.nn.functional.cross_entropy(

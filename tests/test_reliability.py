@@ -1,10 +1,8 @@
 """Numerical safeguards, determinism, resumable statistics and unusual inputs."""
 
-import math
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from torch import nn
 
 import lora_da
 from lora_da.method import prepare_input_factor
-from lora_da.models import batches, collate, synthetic_samples, tiny_llama
+from lora_da.models import batches, synthetic_samples, tiny_llama
 from lora_da.targets import find_target_modules
 
 import kill_worker

@@ -398,7 +398,6 @@ def _tiny_demo(args: argparse.Namespace) -> int:
 
 def plain_pass_seconds(model, loader) -> float:
     """Wall time of one plain forward+backward (HF loss, ``.backward()``) over ``loader``."""
-    import torch
 
     from .losses import move_to_device
 
