@@ -92,6 +92,12 @@ class Operator {
   // AV[b] = sign * A[b] V[b] for the first `cols` columns (n x cols, leading dims given).
   virtual void apply(const T* v, int ldv, std::int64_t stride_v, T* av, int ldav, std::int64_t stride_av, int cols,
                      T sign, const Batch& batch) = 0;
+  // Optional symmetric positive definite preconditioner: out[b] = P[b] V[b]. Returns false
+  // (and writes nothing) when the operator has none.
+  virtual bool precondition(const T* /*v*/, int /*ldv*/, std::int64_t /*stride_v*/, T* /*out*/, int /*ldo*/,
+                            std::int64_t /*stride_o*/, int /*cols*/, const Batch& /*batch*/) {
+    return false;
+  }
 };
 
 }  // namespace lora_da

@@ -130,7 +130,7 @@ PYBIND11_MODULE(_core, m) {
       [](std::uintptr_t d_transposed, int batch, int n, int d_out, std::int64_t stride_d, std::uintptr_t z_upper,
          std::int64_t stride_z, double alpha, const std::vector<double>& variance_scale, const std::string& dtype,
          int k, int guard, bool largest, double tol, int max_iter, std::uint64_t seed, std::uintptr_t eigenvectors,
-         const std::string& device, std::uintptr_t stream) {
+         const std::string& device, std::uintptr_t stream, std::uintptr_t preconditioner, std::int64_t stride_p) {
         if (int(variance_scale.size()) != batch) throw py::value_error("variance_scale needs one value per problem");
         lora_da_solve_request request{};
         request.operator_kind = LORA_DA_OPERATOR_GUIDANCE;
@@ -144,13 +144,16 @@ PYBIND11_MODULE(_core, m) {
         request.stride_z = stride_z;
         request.alpha = alpha;
         request.variance_scale = variance_scale.data();
+        request.preconditioner = reinterpret_cast<const void*>(preconditioner);
+        request.stride_p = stride_p;
         set_options(request, k, guard, largest, tol, max_iter, seed, stream, eigenvectors);
         return run_request(request, device);
       },
       py::arg("d_transposed"), py::arg("batch"), py::arg("n"), py::arg("d_out"), py::arg("stride_d"),
       py::arg("z_upper"), py::arg("stride_z"), py::arg("alpha"), py::arg("variance_scale"), py::arg("dtype"),
       py::arg("k"), py::arg("guard"), py::arg("largest"), py::arg("tol"), py::arg("max_iter"), py::arg("seed"),
-      py::arg("eigenvectors"), py::arg("device"), py::arg("stream"),
+      py::arg("eigenvectors"), py::arg("device"), py::arg("stream"), py::arg("preconditioner") = 0,
+      py::arg("stride_p") = 0,
       "Batched LOBPCG on Ω v = −α D(Dᵀv) + c Z⁻¹v. Pointers: D as a row-major batch x n x d_out tensor "
       "(= Dᵀ column-major), the lower Cholesky factor L of Z as a row-major n x n tensor (= Lᵀ column-major).");
 }

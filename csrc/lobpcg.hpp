@@ -415,6 +415,9 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
     backend.from_host(small.get(), selection.data(), selection.size());
     backend.gemm('N', 'N', n, m, m, T(1), residual.get(), n, stride_block, small.get(), m, std::int64_t(m) * m, T(0),
                  w_slot, n, stride_basis, active);
+    // Preconditioned directions W ← P W (when the operator has P; soft-locked columns stay zero).
+    if (op.precondition(w_slot, n, stride_basis, scratch.get(), n, stride_block, m, active))
+      backend.copy_block(n, m, scratch.get(), n, stride_block, w_slot, n, stride_basis, active);
     orthonormalize_w();
     op.apply(w_slot, n, stride_basis, aw_slot, n, stride_basis, max_w_count(), sign, active);
     rayleigh_ritz();

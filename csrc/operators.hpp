@@ -40,7 +40,7 @@ class LoraDAGuidanceOperator final : public Operator<T> {
  public:
   LoraDAGuidanceOperator(Backend<T>& backend, const T* d_transposed, int n, int d_out, std::int64_t stride_d,
                          const T* z_upper, std::int64_t stride_z, double alpha, std::vector<double> variance_scale,
-                         int batch_count)
+                         int batch_count, const T* preconditioner = nullptr, std::int64_t stride_p = 0)
       : backend_(backend),
         d_transposed_(d_transposed),
         n_(n),
@@ -52,7 +52,9 @@ class LoraDAGuidanceOperator final : public Operator<T> {
         variance_scale_(std::move(variance_scale)),
         scaled_(variance_scale_.size()),
         ones_(variance_scale_.size(), 1.0),
-        batch_count_(batch_count) {}
+        batch_count_(batch_count),
+        preconditioner_(preconditioner),
+        stride_p_(stride_p) {}
   int size() const override { return n_; }
   void apply(const T* v, int ldv, std::int64_t stride_v, T* av, int ldav, std::int64_t stride_av, int cols, T sign,
              const Batch& batch) override {
@@ -69,6 +71,16 @@ class LoraDAGuidanceOperator final : public Operator<T> {
     // av += −α sign D projection
     backend_.gemm('T', 'N', n_, cols, d_out_, T(-alpha_ * double(sign)), d_transposed_, d_out_, stride_d_, projection_,
                   d_out_, std::int64_t(d_out_) * workspace_cols_, T(1), av, ldav, stride_av, batch);
+  }
+  // P = (βcZ⁻¹ + αI)⁻¹ = Z(βcI + αZ)⁻¹, formed by the caller (symmetric, so either
+  // storage order): it undoes the wide spread βcZ⁻¹ gives Ω's spectrum where Z is
+  // small, and is ≈ I/α where the bias term lives.
+  bool precondition(const T* v, int ldv, std::int64_t stride_v, T* out, int ldo, std::int64_t stride_o, int cols,
+                    const Batch& batch) override {
+    if (preconditioner_ == nullptr || cols <= 0) return false;
+    backend_.gemm('N', 'N', n_, cols, n_, T(1), preconditioner_, n_, stride_p_, v, ldv, stride_v, T(0), out, ldo,
+                  stride_o, batch);
+    return true;
   }
   ~LoraDAGuidanceOperator() override {
     if (projection_ != nullptr) backend_.release(projection_);
@@ -92,6 +104,8 @@ class LoraDAGuidanceOperator final : public Operator<T> {
   double alpha_;
   std::vector<double> variance_scale_, scaled_, ones_;
   int batch_count_;
+  const T* preconditioner_;
+  std::int64_t stride_p_;
   T* projection_ = nullptr;
   int workspace_cols_ = 0;
 };

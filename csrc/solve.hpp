@@ -32,7 +32,8 @@ void solve_on_backend(Backend<T>& backend, lora_da_solve_request& request) {
     std::vector<double> scale(request.variance_scale, request.variance_scale + request.batch);
     LoraDAGuidanceOperator<T> op(backend, static_cast<const T*>(request.d_transposed), request.n, request.d_out,
                                  request.stride_d, static_cast<const T*>(request.z_upper), request.stride_z,
-                                 request.alpha, std::move(scale), request.batch);
+                                 request.alpha, std::move(scale), request.batch,
+                                 static_cast<const T*>(request.preconditioner), request.stride_p);
     report = lobpcg(backend, op, request.batch, options, eigenvectors);
   } else {
     throw BackendError("unknown operator kind");

@@ -28,6 +28,8 @@ struct lora_da_solve_request {
   int64_t stride_z;
   double alpha;
   const double* variance_scale; /* host, batch values of c (β folded in) */
+  const void* preconditioner;   /* guidance, optional: P = (βcZ⁻¹ + αI)⁻¹, n x n per problem (NULL = none) */
+  int64_t stride_p;
   /* options */
   int k;
   int guard;

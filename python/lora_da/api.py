@@ -15,7 +15,7 @@ from . import distributed
 from .config import LoraDAConfig, TargetModules, TokenMask
 from .method import InputFactor, PreparedModule, dense_eigenpairs, finish_module, prepare_input_factor, prepare_module
 from .result import LoraInit, ModuleInit
-from .solvers import EIGH_BACKEND, LoraDAOperator, failed_eigenpairs, lobpcg
+from .solvers import EIGH_BACKEND, LoraDAOperator, failed_eigenpairs, guidance_preconditioner, lobpcg
 from .statistics import KFACStatistics, model_device, collect_statistics
 from .targets import find_target_modules
 
@@ -189,7 +189,7 @@ def solve_modules(
     ``Z`` is factored once per input group. With ``config.solver == "auto"`` the
     eigenproblems of all modules of one shape ``(d_in, d_out)`` are solved in one
     batched LOBPCG call on the operator form of Ω (``lora_da.solvers.LoraDAOperator``,
-    neither Ω nor Z⁻¹ formed); with ``"eigh"`` each Ω is formed and decomposed
+    neither Ω nor Z⁻¹ formed), preconditioned with ``(βcZ⁻¹ + αI)⁻¹``; with ``"eigh"`` each Ω is formed and decomposed
     densely in float64. Returns the module inits and the solver backend's name.
     """
     names = list(stats.modules) if names is None else list(names)
@@ -235,6 +235,20 @@ def solve_modules(
         bar.close()
         return result, EIGH_BACKEND
 
+    # One preconditioner P = (βcZ⁻¹ + αI)⁻¹ per input group (P need not be exact: the
+    # group's members differ only in βc, for which the geometric mean is used).
+    # With α > 0, βcI + αZ is positive definite.
+    preconditioners: Dict[int, torch.Tensor] = {}
+
+    def preconditioner_of(name: str) -> torch.Tensor:
+        group_index = stats.modules[name].group_index
+        if group_index not in preconditioners:
+            members = [m for m in names if stats.modules[m].group_index == group_index]
+            scales = torch.tensor([config.beta * prepared[m].variance_scale for m in members], dtype=torch.float64)
+            mean_scale = float(scales.clamp(min=1e-300).log().mean().exp()) if config.beta > 0 else 0.0
+            preconditioners[group_index] = guidance_preconditioner(input_factors[name].cholesky, config.alpha, mean_scale)
+        return preconditioners[group_index]
+
     shapes: Dict[Tuple[int, int], List[str]] = {}
     for name in names:
         shapes.setdefault(tuple(prepared[name].delta_hat.shape), []).append(name)
@@ -246,6 +260,7 @@ def solve_modules(
             cholesky=torch.stack([input_factors[name].cholesky for name in same_shape]),
             alpha=config.alpha,
             variance_scale=[config.beta * prepared[name].variance_scale for name in same_shape],
+            preconditioner=torch.stack([preconditioner_of(name) for name in same_shape]) if config.alpha > 0 else None,
         )
         solution = lobpcg(operator, config.rank, seed=config.seed)
         failed = failed_eigenpairs(operator, solution).tolist()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 import torch
 
 from .solvers import fix_column_signs, smallest_eigenpairs
@@ -36,8 +37,15 @@ class InputFactor:
     """``Z = Z_raw + λ_used I`` of one input group, prepared once for all members."""
 
     cholesky: torch.Tensor  # lower-triangular L with Z = L Lᵀ (float64)
-    inverse: torch.Tensor  # Z⁻¹ (float64, symmetric)
     damping: float  # λ actually added to the diagonal
+    _inverse: Optional[torch.Tensor] = None
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """Z⁻¹ (float64, symmetric), formed on first use (only the dense path needs it)."""
+        if self._inverse is None:
+            self._inverse = torch.cholesky_inverse(self.cholesky)
+        return self._inverse
 
 
 def prepare_input_factor(input_factor_raw: torch.Tensor, damping: float, name: str) -> InputFactor:
@@ -57,7 +65,7 @@ def prepare_input_factor(input_factor_raw: torch.Tensor, damping: float, name: s
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            return InputFactor(cholesky=cholesky, inverse=torch.cholesky_inverse(cholesky), damping=used)
+            return InputFactor(cholesky=cholesky, damping=used)
     raise FloatingPointError(
         f"input factor Z of module '{name}' is not positive definite even with damping "
         f"{used:g} (is it NaN, or far from symmetric positive semi-definite?)"

@@ -60,6 +60,7 @@ class LoraDAOperator:
     cholesky: torch.Tensor
     alpha: float
     variance_scale: Union[float, Sequence[float], torch.Tensor]
+    preconditioner: Optional[torch.Tensor] = None  # (*batch, d_in, d_in), see guidance_preconditioner
 
     @property
     def size(self) -> int:
@@ -89,6 +90,22 @@ class LoraDAOperator:
         bias = d @ (d.transpose(-1, -2) @ v)
         variance = torch.cholesky_solve(v, self.cholesky.to(torch.float64).expand(*d.shape[:-2], -1, -1))
         return -self.alpha * bias + scale * variance
+
+
+def guidance_preconditioner(cholesky: torch.Tensor, alpha: float, variance_scale: float) -> torch.Tensor:
+    """``P = (βc Z⁻¹ + α I)⁻¹ = Z (βc I + α Z)⁻¹`` in float64, from ``Z``'s lower Cholesky
+    factor; ``variance_scale`` is ``βc``. Symmetric positive definite.
+
+    Ω's spectrum is wide where ``Z`` is small (``βc/z`` there); ``P`` scales those
+    directions by ``z/(βc + αz)`` and is ``≈ I/α`` where ``Z`` is large, so the
+    preconditioned operator has a bounded spectrum and LOBPCG needs few iterations.
+    """
+    lower = cholesky.to(torch.float64)
+    z = lower @ lower.transpose(-1, -2)
+    eye = torch.eye(z.shape[-1], dtype=torch.float64, device=z.device)
+    shifted = variance_scale * eye + alpha * z  # M = βcI + αZ, positive definite for α > 0
+    p = torch.cholesky_solve(z, torch.linalg.cholesky(shifted))  # M⁻¹Z (M and Z commute: symmetric)
+    return 0.5 * (p + p.transpose(-1, -2))
 
 
 def failed_eigenpairs(operator: LoraDAOperator, result: "LobpcgResult", safety: float = 100.0) -> torch.Tensor:
@@ -224,6 +241,12 @@ def lobpcg(
         if scale.numel() != batch:
             raise ValueError(f"variance_scale needs 1 or {batch} values, got {scale.numel()}")
         device, stream = _device_and_stream(d_flat)
+        preconditioner_ptr = 0
+        if op.preconditioner is not None:
+            preconditioner = op.preconditioner.to(device=delta.device, dtype=dtype).reshape(-1, n, n).contiguous()
+            if preconditioner.shape[0] != batch:
+                raise ValueError(f"preconditioner must be (*batch, {n}, {n}) like delta, got {tuple(op.preconditioner.shape)}")
+            preconditioner_ptr = preconditioner.data_ptr()
         k = int(k)
         if not 1 <= k <= n:
             raise ValueError(f"k={k} must lie in [1, {n}]")
@@ -233,6 +256,7 @@ def lobpcg(
                 d_flat.data_ptr(), batch, n, d_out, n * d_out, cholesky_flat.data_ptr(), stride_z,
                 float(op.alpha), [float(v) for v in scale.tolist()], str(dtype).replace("torch.", ""),
                 k, guard_arg, bool(largest), tol_arg, int(max_iter), int(seed), vectors.data_ptr(), device, stream,
+                preconditioner_ptr, n * n,
             )
     else:
         matrix = matrix_or_operator
