@@ -282,14 +282,15 @@ def test_preconditioner_tames_an_ill_conditioned_input_factor():
     n, d_out, batch = 256, 96, 3
     q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
     z = q @ torch.diag(torch.logspace(0, -8, n, dtype=torch.float64)) @ q.T
-    chol = torch.linalg.cholesky(z + 1e-12 * torch.eye(n, dtype=torch.float64)).expand(batch, n, n).contiguous()
+    z = z + 1e-12 * torch.eye(n, dtype=torch.float64)
+    chol = torch.linalg.cholesky(z).expand(batch, n, n).contiguous()
     delta = torch.randn(batch, n, d_out, dtype=torch.float64, generator=generator)
     delta = delta / torch.linalg.matrix_norm(delta, ord=2).reshape(batch, 1, 1)
     scales = [1e-3, 3e-3, 1e-2]
     plain = LoraDAOperator(delta, chol, alpha=1.0, variance_scale=scales)
     preconditioned = LoraDAOperator(
         delta, chol, alpha=1.0, variance_scale=scales,
-        preconditioner=torch.stack([guidance_preconditioner(chol[b], 1.0, s) for b, s in enumerate(scales)]),
+        preconditioner=torch.stack([guidance_preconditioner(z, 1.0, s) for b, s in enumerate(scales)]),
     )
     fast = lobpcg(preconditioned, 8)
     slow = lobpcg(plain, 8)

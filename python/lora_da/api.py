@@ -246,7 +246,7 @@ def solve_modules(
             members = [m for m in names if stats.modules[m].group_index == group_index]
             scales = torch.tensor([config.beta * prepared[m].variance_scale for m in members], dtype=torch.float64)
             mean_scale = float(scales.clamp(min=1e-300).log().mean().exp()) if config.beta > 0 else 0.0
-            preconditioners[group_index] = guidance_preconditioner(input_factors[name].cholesky, config.alpha, mean_scale)
+            preconditioners[group_index] = guidance_preconditioner(input_factors[name].matrix, config.alpha, mean_scale)
         return preconditioners[group_index]
 
     shapes: Dict[Tuple[int, int], List[str]] = {}

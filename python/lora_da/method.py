@@ -36,6 +36,7 @@ MAX_DAMPING_ESCALATIONS = 8
 class InputFactor:
     """``Z = Z_raw + λ_used I`` of one input group, prepared once for all members."""
 
+    matrix: torch.Tensor  # Z itself (float64, symmetric, damped)
     cholesky: torch.Tensor  # lower-triangular L with Z = L Lᵀ (float64)
     damping: float  # λ actually added to the diagonal
     _inverse: Optional[torch.Tensor] = None
@@ -56,7 +57,8 @@ def prepare_input_factor(input_factor_raw: torch.Tensor, damping: float, name: s
     floor = max(damping, 1e-12 * float(torch.diagonal(z_raw).mean()))
     for k in range(MAX_DAMPING_ESCALATIONS + 1):
         used = damping if k == 0 else floor * 10.0**k
-        cholesky, info = torch.linalg.cholesky_ex(z_raw + used * eye)
+        damped = z_raw + used * eye
+        cholesky, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0 and torch.isfinite(cholesky).all():
             if k > 0:
                 warnings.warn(
@@ -65,7 +67,7 @@ def prepare_input_factor(input_factor_raw: torch.Tensor, damping: float, name: s
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            return InputFactor(cholesky=cholesky, damping=used)
+            return InputFactor(matrix=damped, cholesky=cholesky, damping=used)
     raise FloatingPointError(
         f"input factor Z of module '{name}' is not positive definite even with damping "
         f"{used:g} (is it NaN, or far from symmetric positive semi-definite?)"

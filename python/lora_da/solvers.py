@@ -92,16 +92,15 @@ class LoraDAOperator:
         return -self.alpha * bias + scale * variance
 
 
-def guidance_preconditioner(cholesky: torch.Tensor, alpha: float, variance_scale: float) -> torch.Tensor:
-    """``P = (βc Z⁻¹ + α I)⁻¹ = Z (βc I + α Z)⁻¹`` in float64, from ``Z``'s lower Cholesky
-    factor; ``variance_scale`` is ``βc``. Symmetric positive definite.
+def guidance_preconditioner(input_factor: torch.Tensor, alpha: float, variance_scale: float) -> torch.Tensor:
+    """``P = (βc Z⁻¹ + α I)⁻¹ = Z (βc I + α Z)⁻¹`` in float64, from ``Z`` (damped);
+    ``variance_scale`` is ``βc``. Symmetric positive definite.
 
     Ω's spectrum is wide where ``Z`` is small (``βc/z`` there); ``P`` scales those
     directions by ``z/(βc + αz)`` and is ``≈ I/α`` where ``Z`` is large, so the
     preconditioned operator has a bounded spectrum and LOBPCG needs few iterations.
     """
-    lower = cholesky.to(torch.float64)
-    z = lower @ lower.transpose(-1, -2)
+    z = input_factor.to(torch.float64)
     eye = torch.eye(z.shape[-1], dtype=torch.float64, device=z.device)
     shifted = variance_scale * eye + alpha * z  # M = βcI + αZ, positive definite for α > 0
     p = torch.cholesky_solve(z, torch.linalg.cholesky(shifted))  # M⁻¹Z (M and Z commute: symmetric)
