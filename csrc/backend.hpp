@@ -51,6 +51,10 @@ class Backend {
   virtual void copy_block(int rows, int cols, const T* src, int ld_src, std::int64_t stride_src, T* dst, int ld_dst,
                           std::int64_t stride_dst, const Batch& batch) = 0;
 
+  // dst[b](0:rows, 0:cols) = alpha src[b] + beta dst[b] for active problems b.
+  virtual void add_block(int rows, int cols, T alpha, const T* src, int ld_src, std::int64_t stride_src, T beta,
+                         T* dst, int ld_dst, std::int64_t stride_dst, const Batch& batch) = 0;
+
   // C[b] = alpha op(A[b]) op(B[b]) + beta C[b]   (op = 'N' or 'T').
   virtual void gemm(char trans_a, char trans_b, int m, int n, int k, T alpha, const T* a, int lda, std::int64_t stride_a,
                     const T* b, int ldb, std::int64_t stride_b, T beta, T* c, int ldc, std::int64_t stride_c,

@@ -130,8 +130,11 @@ PYBIND11_MODULE(_core, m) {
       [](std::uintptr_t d_transposed, int batch, int n, int d_out, std::int64_t stride_d, std::uintptr_t z_upper,
          std::int64_t stride_z, double alpha, const std::vector<double>& variance_scale, const std::string& dtype,
          int k, int guard, bool largest, double tol, int max_iter, std::uint64_t seed, std::uintptr_t eigenvectors,
-         const std::string& device, std::uintptr_t stream, std::uintptr_t preconditioner, std::int64_t stride_p) {
+         const std::string& device, std::uintptr_t stream, std::uintptr_t preconditioner, std::int64_t stride_p,
+         const std::vector<double>& preconditioner_shift) {
         if (int(variance_scale.size()) != batch) throw py::value_error("variance_scale needs one value per problem");
+        if (preconditioner != 0 && int(preconditioner_shift.size()) != batch)
+          throw py::value_error("preconditioner_shift needs one value per problem");
         lora_da_solve_request request{};
         request.operator_kind = LORA_DA_OPERATOR_GUIDANCE;
         request.dtype = parse_dtype(dtype);
@@ -146,6 +149,7 @@ PYBIND11_MODULE(_core, m) {
         request.variance_scale = variance_scale.data();
         request.preconditioner = reinterpret_cast<const void*>(preconditioner);
         request.stride_p = stride_p;
+        request.preconditioner_shift = preconditioner_shift.empty() ? nullptr : preconditioner_shift.data();
         set_options(request, k, guard, largest, tol, max_iter, seed, stream, eigenvectors);
         return run_request(request, device);
       },
@@ -153,7 +157,9 @@ PYBIND11_MODULE(_core, m) {
       py::arg("z_upper"), py::arg("stride_z"), py::arg("alpha"), py::arg("variance_scale"), py::arg("dtype"),
       py::arg("k"), py::arg("guard"), py::arg("largest"), py::arg("tol"), py::arg("max_iter"), py::arg("seed"),
       py::arg("eigenvectors"), py::arg("device"), py::arg("stream"), py::arg("preconditioner") = 0,
-      py::arg("stride_p") = 0,
+      py::arg("stride_p") = 0, py::arg("preconditioner_shift") = std::vector<double>{},
       "Batched LOBPCG on Ω v = −α D(Dᵀv) + c Z⁻¹v. Pointers: D as a row-major batch x n x d_out tensor "
-      "(= Dᵀ column-major), the lower Cholesky factor L of Z as a row-major n x n tensor (= Lᵀ column-major).");
+      "(= Dᵀ column-major), the lower Cholesky factor L of Z as a row-major n x n tensor (= Lᵀ column-major); "
+      "optional preconditioner (I − s M⁻¹)/α from the lower Cholesky factor of M = sI + αZ (same layout as L) "
+      "and one shift s per problem.");
 }

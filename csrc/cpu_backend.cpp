@@ -142,6 +142,20 @@ void CpuBackend<T>::copy_block(int rows, int cols, const T* src, int ld_src, std
 }
 
 template <typename T>
+void CpuBackend<T>::add_block(int rows, int cols, T alpha, const T* src, int ld_src, std::int64_t stride_src, T beta,
+                              T* dst, int ld_dst, std::int64_t stride_dst, const Batch& batch) {
+  for_each_problem(batch, [&](int b) {
+    const T* s = src + b * stride_src;
+    T* d = dst + b * stride_dst;
+    for (int j = 0; j < cols; ++j) {
+      const T* sj = s + std::int64_t(j) * ld_src;
+      T* dj = d + std::int64_t(j) * ld_dst;
+      for (int i = 0; i < rows; ++i) dj[i] = alpha * sj[i] + beta * dj[i];
+    }
+  });
+}
+
+template <typename T>
 void CpuBackend<T>::gemm(char trans_a, char trans_b, int m, int n, int k, T alpha, const T* a, int lda,
                          std::int64_t stride_a, const T* b, int ldb, std::int64_t stride_b, T beta, T* c, int ldc,
                          std::int64_t stride_c, const Batch& batch) {

@@ -19,6 +19,8 @@ class CpuBackend final : public Backend<T> {
   void from_host(T* data, const double* host, std::size_t count) override;
   void copy_block(int rows, int cols, const T* src, int ld_src, std::int64_t stride_src, T* dst, int ld_dst,
                   std::int64_t stride_dst, const Batch& batch) override;
+  void add_block(int rows, int cols, T alpha, const T* src, int ld_src, std::int64_t stride_src, T beta, T* dst,
+                 int ld_dst, std::int64_t stride_dst, const Batch& batch) override;
   void gemm(char trans_a, char trans_b, int m, int n, int k, T alpha, const T* a, int lda, std::int64_t stride_a,
             const T* b, int ldb, std::int64_t stride_b, T beta, T* c, int ldc, std::int64_t stride_c,
             const Batch& batch) override;

@@ -39,6 +39,9 @@ template <typename T>
 using Trsm = cublasStatus_t (*)(cublasHandle_t, cublasSideMode_t, cublasFillMode_t, cublasOperation_t,
                                 cublasDiagType_t, int, int, const T*, const T*, int, T*, int);
 template <typename T>
+using Geam = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, const T*, const T*, int,
+                                const T*, const T*, int, T*, int);
+template <typename T>
 using SyevdBufferSize = cusolverStatus_t (*)(cusolverDnHandle_t, cusolverEigMode_t, cublasFillMode_t, int, const T*,
                                              int, const T*, int*);
 template <typename T>
@@ -53,6 +56,8 @@ struct CudaLibraries {
   GemmStridedBatched<double> dgemm = nullptr;
   Trsm<float> strsm = nullptr;
   Trsm<double> dtrsm = nullptr;
+  Geam<float> sgeam = nullptr;
+  Geam<double> dgeam = nullptr;
   cusolverStatus_t (*cusolver_create)(cusolverDnHandle_t*) = nullptr;
   cusolverStatus_t (*cusolver_destroy)(cusolverDnHandle_t) = nullptr;
   cusolverStatus_t (*cusolver_set_stream)(cusolverDnHandle_t, cudaStream_t) = nullptr;
@@ -98,6 +103,8 @@ const CudaLibraries& libraries() {
     bind(cublas, "cublasDgemmStridedBatched", libs.dgemm, libs.error);
     bind(cublas, "cublasStrsm_v2", libs.strsm, libs.error);
     bind(cublas, "cublasDtrsm_v2", libs.dtrsm, libs.error);
+    bind(cublas, "cublasSgeam", libs.sgeam, libs.error);
+    bind(cublas, "cublasDgeam", libs.dgeam, libs.error);
     bind(cusolver, "cusolverDnCreate", libs.cusolver_create, libs.error);
     bind(cusolver, "cusolverDnDestroy", libs.cusolver_destroy, libs.error);
     bind(cusolver, "cusolverDnSetStream", libs.cusolver_set_stream, libs.error);
@@ -186,6 +193,17 @@ class CudaBackend final : public Backend<T> {
                          &beta, c, ldc, stride_c, batch.count),
                  "cublas?gemmStridedBatched");
   }
+  void add_block(int rows, int cols, T alpha, const T* src, int ld_src, std::int64_t stride_src, T beta, T* dst,
+                 int ld_dst, std::int64_t stride_dst, const Batch& batch) override {
+    if (rows == 0 || cols == 0) return;
+    auto routine = geam_routine();
+    for (int p = 0; p < batch.count; ++p) {  // every problem (see backend.hpp); in place: C = B
+      T* d = dst + p * stride_dst;
+      check_cublas(routine(cublas_, CUBLAS_OP_N, CUBLAS_OP_N, rows, cols, &alpha, src + p * stride_src, ld_src, &beta, d,
+                           ld_dst, d, ld_dst),
+                   "cublas?geam");
+    }
+  }
   void trsm_left(char uplo, char trans, int m, int n, const double* alpha_per_problem, const T* a, int lda,
                  std::int64_t stride_a, T* b, int ldb, std::int64_t stride_b, const Batch& batch) override {
     if (m == 0 || n == 0) return;
@@ -232,6 +250,7 @@ class CudaBackend final : public Backend<T> {
  private:
   GemmStridedBatched<T> gemm_routine() const;
   Trsm<T> trsm_routine() const;
+  Geam<T> geam_routine() const;
   SyevdBufferSize<T> size_routine() const;
   Syevd<T> syevd_routine() const;
 
@@ -245,6 +264,8 @@ template <> GemmStridedBatched<float> CudaBackend<float>::gemm_routine() const {
 template <> GemmStridedBatched<double> CudaBackend<double>::gemm_routine() const { return libs_.dgemm; }
 template <> Trsm<float> CudaBackend<float>::trsm_routine() const { return libs_.strsm; }
 template <> Trsm<double> CudaBackend<double>::trsm_routine() const { return libs_.dtrsm; }
+template <> Geam<float> CudaBackend<float>::geam_routine() const { return libs_.sgeam; }
+template <> Geam<double> CudaBackend<double>::geam_routine() const { return libs_.dgeam; }
 template <> SyevdBufferSize<float> CudaBackend<float>::size_routine() const { return libs_.ssyevd_size; }
 template <> SyevdBufferSize<double> CudaBackend<double>::size_routine() const { return libs_.dsyevd_size; }
 template <> Syevd<float> CudaBackend<float>::syevd_routine() const { return libs_.ssyevd; }

@@ -40,7 +40,8 @@ class LoraDAGuidanceOperator final : public Operator<T> {
  public:
   LoraDAGuidanceOperator(Backend<T>& backend, const T* d_transposed, int n, int d_out, std::int64_t stride_d,
                          const T* z_upper, std::int64_t stride_z, double alpha, std::vector<double> variance_scale,
-                         int batch_count, const T* preconditioner = nullptr, std::int64_t stride_p = 0)
+                         int batch_count, const T* shifted_upper = nullptr, std::int64_t stride_p = 0,
+                         std::vector<double> preconditioner_shift = {})
       : backend_(backend),
         d_transposed_(d_transposed),
         n_(n),
@@ -53,8 +54,13 @@ class LoraDAGuidanceOperator final : public Operator<T> {
         scaled_(variance_scale_.size()),
         ones_(variance_scale_.size(), 1.0),
         batch_count_(batch_count),
-        preconditioner_(preconditioner),
-        stride_p_(stride_p) {}
+        shifted_upper_(shifted_upper),
+        stride_p_(stride_p),
+        shift_(std::move(preconditioner_shift)),
+        scaled_shift_(shift_.size()) {
+    if (shifted_upper_ != nullptr && int(shift_.size()) != batch_count_)
+      throw BackendError("the preconditioner needs one shift per problem");
+  }
   int size() const override { return n_; }
   void apply(const T* v, int ldv, std::int64_t stride_v, T* av, int ldav, std::int64_t stride_av, int cols, T sign,
              const Batch& batch) override {
@@ -72,14 +78,22 @@ class LoraDAGuidanceOperator final : public Operator<T> {
     backend_.gemm('T', 'N', n_, cols, d_out_, T(-alpha_ * double(sign)), d_transposed_, d_out_, stride_d_, projection_,
                   d_out_, std::int64_t(d_out_) * workspace_cols_, T(1), av, ldav, stride_av, batch);
   }
-  // P = (βcZ⁻¹ + αI)⁻¹ = Z(βcI + αZ)⁻¹, formed by the caller (symmetric, so either
-  // storage order): it undoes the wide spread βcZ⁻¹ gives Ω's spectrum where Z is
-  // small, and is ≈ I/α where the bias term lives.
+  // P = (βcZ⁻¹ + αI)⁻¹ = Z M⁻¹ = (I − βc M⁻¹)/α with M = βcI + αZ = U_Mᵀ U_M: it
+  // undoes the wide spread βcZ⁻¹ gives Ω's spectrum where Z is small, and is ≈ I/α
+  // where the bias term lives. Applied in factored form, two triangular solves with
+  // U_M (the caller factors M once; P is never formed):
+  //   out = −(βc/α) U_M⁻¹ U_M⁻ᵀ v + v/α.
+  // The subtraction loses absolute accuracy ~ε·‖v‖ where P is small, which a
+  // preconditioner tolerates (LOBPCG only uses the directions P gives).
   bool precondition(const T* v, int ldv, std::int64_t stride_v, T* out, int ldo, std::int64_t stride_o, int cols,
                     const Batch& batch) override {
-    if (preconditioner_ == nullptr || cols <= 0) return false;
-    backend_.gemm('N', 'N', n_, cols, n_, T(1), preconditioner_, n_, stride_p_, v, ldv, stride_v, T(0), out, ldo,
-                  stride_o, batch);
+    if (shifted_upper_ == nullptr || cols <= 0) return false;
+    backend_.copy_block(n_, cols, v, ldv, stride_v, out, ldo, stride_o, batch);
+    for (std::size_t b = 0; b < shift_.size(); ++b) scaled_shift_[b] = -shift_[b] / alpha_;
+    backend_.trsm_left('U', 'T', n_, cols, scaled_shift_.data(), shifted_upper_, n_, stride_p_, out, ldo, stride_o,
+                       batch);
+    backend_.trsm_left('U', 'N', n_, cols, ones_.data(), shifted_upper_, n_, stride_p_, out, ldo, stride_o, batch);
+    backend_.add_block(n_, cols, T(1.0 / alpha_), v, ldv, stride_v, T(1), out, ldo, stride_o, batch);
     return true;
   }
   ~LoraDAGuidanceOperator() override {
@@ -104,8 +118,9 @@ class LoraDAGuidanceOperator final : public Operator<T> {
   double alpha_;
   std::vector<double> variance_scale_, scaled_, ones_;
   int batch_count_;
-  const T* preconditioner_;
+  const T* shifted_upper_;
   std::int64_t stride_p_;
+  std::vector<double> shift_, scaled_shift_;
   T* projection_ = nullptr;
   int workspace_cols_ = 0;
 };

@@ -30,10 +30,16 @@ void solve_on_backend(Backend<T>& backend, lora_da_solve_request& request) {
     report = lobpcg(backend, op, request.batch, options, eigenvectors);
   } else if (request.operator_kind == LORA_DA_OPERATOR_GUIDANCE) {
     std::vector<double> scale(request.variance_scale, request.variance_scale + request.batch);
+    std::vector<double> shift;
+    if (request.preconditioner != nullptr) {
+      if (request.preconditioner_shift == nullptr) throw BackendError("the preconditioner needs its shifts");
+      if (!(request.alpha > 0)) throw BackendError("the preconditioner needs alpha > 0");
+      shift.assign(request.preconditioner_shift, request.preconditioner_shift + request.batch);
+    }
     LoraDAGuidanceOperator<T> op(backend, static_cast<const T*>(request.d_transposed), request.n, request.d_out,
                                  request.stride_d, static_cast<const T*>(request.z_upper), request.stride_z,
                                  request.alpha, std::move(scale), request.batch,
-                                 static_cast<const T*>(request.preconditioner), request.stride_p);
+                                 static_cast<const T*>(request.preconditioner), request.stride_p, std::move(shift));
     report = lobpcg(backend, op, request.batch, options, eigenvectors);
   } else {
     throw BackendError("unknown operator kind");

@@ -28,8 +28,12 @@ struct lora_da_solve_request {
   int64_t stride_z;
   double alpha;
   const double* variance_scale; /* host, batch values of c (β folded in) */
-  const void* preconditioner;   /* guidance, optional: P = (βcZ⁻¹ + αI)⁻¹, n x n per problem (NULL = none) */
+  /* guidance, optional preconditioner P = (βcZ⁻¹ + αI)⁻¹ = (I − s M⁻¹)/α, given factored:
+   * U_M with M = sI + αZ = U_Mᵀ U_M (n x n per problem, like z_upper; NULL = none) and the
+   * host array of the `batch` shifts s (βc, or one value shared by an input group) */
+  const void* preconditioner;
   int64_t stride_p;
+  const double* preconditioner_shift;
   /* options */
   int k;
   int guard;

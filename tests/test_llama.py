@@ -103,7 +103,10 @@ def test_end_to_end_fp32_result_contents():
     with pytest.warns(UserWarning, match="train_size not given"):
         init = lora_da.initialize(model, list(batches(samples, 4)), rank=4, progress=False)
     assert init.train_size == init.num_samples == 12
-    assert set(init.timings) == {"statistics", "solve", "total"} and all(t >= 0 for t in init.timings.values())
+    phases = {"forward_backward", "statistics_accumulate", "factor_prep", "solve", "total"}
+    assert set(init.timings) == phases and all(t >= 0 for t in init.timings.values())
+    assert sum(init.timings[p] for p in phases - {"total"}) <= init.timings["total"] * (1 + 1e-9)
+    assert init.passes == 1 and init.statistics_bytes > 0
     assert init.backends["statistics"] == "torch"
     assert init.backends["solve"].startswith("lobpcg/cpu-openblas")  # tiny shapes: its dense fallback
     for name, m in init.modules.items():

@@ -290,8 +290,16 @@ def test_preconditioner_tames_an_ill_conditioned_input_factor():
     plain = LoraDAOperator(delta, chol, alpha=1.0, variance_scale=scales)
     preconditioned = LoraDAOperator(
         delta, chol, alpha=1.0, variance_scale=scales,
-        preconditioner=torch.stack([guidance_preconditioner(z, 1.0, s) for b, s in enumerate(scales)]),
+        preconditioner_cholesky=torch.stack([guidance_preconditioner(z, 1.0, s) for s in scales]),
+        preconditioner_shift=scales,
     )
+    # the factored form is the SPD matrix (βcZ⁻¹ + αI)⁻¹ it stands for (float64: 1e-8 of its norm,
+    # the subtraction I − βcM⁻¹ loses ~ε·cond(M) there)
+    eye = torch.eye(n, dtype=torch.float64)
+    for index, s in enumerate(scales):
+        exact = torch.linalg.inv(s * torch.linalg.inv(z) + eye)
+        got = preconditioned.dense_preconditioner()[index]
+        assert (got - exact).abs().max() <= 1e-8 * exact.abs().max()
     fast = lobpcg(preconditioned, 8)
     slow = lobpcg(plain, 8)
     assert fast.converged.all()

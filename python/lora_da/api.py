@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import batched, distributed
 from .config import LoraDAConfig, TargetModules, TokenMask
 from .method import InputFactor, PreparedModule, dense_eigenpairs, finish_module, prepare_input_factor, prepare_module
 from .result import LoraInit, ModuleInit
-from .solvers import EIGH_BACKEND, LoraDAOperator, failed_eigenpairs, guidance_preconditioner, lobpcg
+from .solvers import EIGH_BACKEND, LoraDAOperator, failed_eigenpairs, lobpcg
+from .memory import is_reiterable, plan_passes, statistics_budget
 from .statistics import KFACStatistics, model_device, collect_statistics
 from .targets import find_target_modules
 
@@ -42,6 +43,7 @@ def initialize(
     stats_checkpoint: Optional[str] = None,
     checkpoint_every: int = 50,
     solver: str = "auto",
+    max_memory: Union[None, int, float] = None,
 ) -> LoraInit:
     """Compute LoRA-DA's data-aware LoRA initialization of ``model``.
 
@@ -68,10 +70,19 @@ def initialize(
         gather_to: under ``torch.distributed``, the rank that receives every
             module's factors (``None``: all ranks do; other ranks then return
             only the modules they solved).
+        max_memory: budget for the statistics held at once (bytes, or a
+            fraction of free device memory; default half of it). The whole
+            model's statistics go in one pass when they fit; otherwise the
+            layers are split over several passes (``result.passes``).
         Other arguments: see :class:`lora_da.LoraDAConfig`.
 
     Returns:
         a :class:`LoraInit`; ``.apply(peft_model)`` or ``.save_pretrained(dir)``.
+        ``result.timings`` has the seconds of each phase: ``forward_backward``
+        (the model's own passes), ``statistics_accumulate`` (Z, y, G inside the
+        pass), ``factor_prep`` (float64 Cholesky, Δ, σ, preconditioners),
+        ``solve`` (eigensolves) and ``total``; ``result.statistics_bytes`` the
+        peak memory of the statistics.
     """
     config = LoraDAConfig(
         rank=rank,
@@ -92,6 +103,7 @@ def initialize(
         stats_checkpoint=stats_checkpoint,
         checkpoint_every=checkpoint_every,
         solver=solver,
+        max_memory=max_memory,
     )
     return initialize_from_config(model, loader, config)
 
@@ -107,65 +119,82 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
     model = distributed.unwrap_model(model)
     modules = find_target_modules(model, config.target_modules, config.rank)
     run_distributed = distributed.is_active()
-    checkpoint_path = config.stats_checkpoint
-    if checkpoint_path is not None and run_distributed:
-        checkpoint_path = f"{checkpoint_path}.rank{dist.get_rank()}"
-
-    def statistics_pass() -> KFACStatistics:
-        return collect_statistics(
-            model,
-            loader,
-            modules,
-            token_mask=config.token_mask,
-            loss_fn=config.loss_fn,
-            max_batches=config.max_batches,
-            progress=config.progress,
-            stats_backend=config.stats_backend,
-            check_totals=not run_distributed,
-            stats_checkpoint=checkpoint_path,
-            checkpoint_every=config.checkpoint_every,
+    device = model_device(model)
+    element_size = 8 if _model_dtype(model) == torch.float64 else 4  # the statistics' accumulator dtype
+    passes = plan_passes(modules, statistics_budget(config.max_memory, device), element_size)
+    if len(passes) > 1 and not is_reiterable(loader):
+        raise ValueError(
+            f"max_memory lets one pass hold the statistics of only part of the model ({len(passes)} passes "
+            "needed), but the loader is a one-shot iterator; pass a list or a DataLoader, or raise max_memory"
         )
 
-    timings: Dict[str, float] = {}
-    if run_distributed:
-        stats = distributed.run_agreeing("the statistics pass", statistics_pass)
-        timings["statistics"] = time.perf_counter() - start
-        reduce_start = time.perf_counter()
-        distributed.synchronize_layout(stats, modules, model_device(model))
-        distributed.all_reduce_statistics(stats)
-        stats.check_totals()  # the same totals on every rank: all raise alike
-        timings["all_reduce"] = time.perf_counter() - reduce_start
-    else:
-        stats = statistics_pass()
-        timings["statistics"] = time.perf_counter() - start
-
+    timings: Dict[str, float] = {phase: 0.0 for phase in PHASES}
+    backends: Dict[str, str] = {}
+    module_inits: Dict[str, ModuleInit] = {}
     train_size = config.train_size
-    if train_size is None:
-        train_size = stats.num_samples
-        warnings.warn(
-            f"train_size not given: the variance term assumes a fine-tuning set of {train_size} samples "
-            "(the calibration set); pass train_size=len(train_dataset)",
-            UserWarning,
-            stacklevel=3,
-        )
-    solve_start = time.perf_counter()
-    backends = {"statistics": stats.backend}
-    if run_distributed:
-        owners = distributed.assign_groups(stats, dist.get_world_size())
-        my_names = [name for name, owner in owners.items() if owner == dist.get_rank()]
-        mine, backends["solve"] = distributed.run_agreeing(
-            "the solves", lambda: solve_modules(stats, config, train_size, my_names)
-        )
-        timings["solve"] = time.perf_counter() - solve_start
-        gather_start = time.perf_counter()
-        module_inits = distributed.gather_module_inits(
-            mine, owners, stats, config.rank, model_device(model), config.gather_to
-        )
-        timings["gather"] = time.perf_counter() - gather_start
-        backends["distributed"] = f"torch.distributed ({dist.get_backend()}, {dist.get_world_size()} ranks)"
-    else:
-        module_inits, backends["solve"] = solve_modules(stats, config, train_size)
-        timings["solve"] = time.perf_counter() - solve_start
+    statistics_bytes = 0
+    stats: Optional[KFACStatistics] = None
+    for pass_index, pass_modules in enumerate(passes):
+        checkpoint_path = config.stats_checkpoint
+        if checkpoint_path is not None and len(passes) > 1:
+            checkpoint_path = f"{checkpoint_path}.pass{pass_index}"
+        if checkpoint_path is not None and run_distributed:
+            checkpoint_path = f"{checkpoint_path}.rank{dist.get_rank()}"
+
+        def statistics_pass() -> KFACStatistics:
+            return collect_statistics(
+                model,
+                loader,
+                pass_modules,
+                token_mask=config.token_mask,
+                loss_fn=config.loss_fn,
+                max_batches=config.max_batches,
+                progress=config.progress,
+                stats_backend=config.stats_backend,
+                check_totals=not run_distributed,
+                stats_checkpoint=checkpoint_path,
+                checkpoint_every=config.checkpoint_every,
+            )
+
+        pass_start = time.perf_counter()
+        stats = None  # the previous pass's sums are freed before this pass allocates its own
+        if run_distributed:
+            stats = distributed.run_agreeing("the statistics pass", statistics_pass)
+            _add_pass_time(timings, stats, time.perf_counter() - pass_start)
+            reduce_start = time.perf_counter()
+            distributed.synchronize_layout(stats, pass_modules, device)
+            distributed.all_reduce_statistics(stats)
+            stats.check_totals()  # the same totals on every rank: all raise alike
+            timings["all_reduce"] = timings.get("all_reduce", 0.0) + time.perf_counter() - reduce_start
+        else:
+            stats = statistics_pass()
+            _add_pass_time(timings, stats, time.perf_counter() - pass_start)
+        statistics_bytes = max(statistics_bytes, stats.nbytes())
+        backends["statistics"] = stats.backend
+
+        if train_size is None:
+            train_size = stats.num_samples
+            warnings.warn(
+                f"train_size not given: the variance term assumes a fine-tuning set of {train_size} samples "
+                "(the calibration set); pass train_size=len(train_dataset)",
+                UserWarning,
+                stacklevel=3,
+            )
+        if run_distributed:
+            owners = distributed.assign_groups(stats, dist.get_world_size())
+            my_names = [name for name, owner in owners.items() if owner == dist.get_rank()]
+            mine, backends["solve"] = distributed.run_agreeing(
+                "the solves", lambda: solve_modules(stats, config, train_size, my_names, timings=timings)
+            )
+            gather_start = time.perf_counter()
+            module_inits.update(
+                distributed.gather_module_inits(mine, owners, stats, config.rank, device, config.gather_to)
+            )
+            timings["gather"] = timings.get("gather", 0.0) + time.perf_counter() - gather_start
+            backends["distributed"] = f"torch.distributed ({dist.get_backend()}, {dist.get_world_size()} ranks)"
+        else:
+            inits, backends["solve"] = solve_modules(stats, config, train_size, timings=timings)
+            module_inits.update(inits)
     timings["total"] = time.perf_counter() - start
     return LoraInit(
         modules=module_inits,
@@ -178,11 +207,35 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
         skipped_samples=stats.skipped_samples,
         timings=timings,
         backends=backends,
+        passes=len(passes),
+        statistics_bytes=statistics_bytes,
     )
 
 
+# Phases of ``LoraInit.timings`` (seconds; summed over passes), besides ``total``.
+PHASES = ("forward_backward", "statistics_accumulate", "factor_prep", "solve")
+
+
+def _add_pass_time(timings: Dict[str, float], stats: KFACStatistics, seconds: float) -> None:
+    """Split one statistics pass into the model's forward+backward and our accumulation."""
+    timings["statistics_accumulate"] += stats.accumulate_seconds
+    timings["forward_backward"] += max(seconds - stats.accumulate_seconds, 0.0)
+
+
+def _model_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return None
+
+
 def solve_modules(
-    stats: KFACStatistics, config: LoraDAConfig, train_size: int, names: Optional[Iterable[str]] = None
+    stats: KFACStatistics,
+    config: LoraDAConfig,
+    train_size: int,
+    names: Optional[Iterable[str]] = None,
+    *,
+    timings: Optional[Dict[str, float]] = None,
 ) -> Tuple[Dict[str, ModuleInit], str]:
     """Steps 1-7 of SPEC.md for every module (or those in ``names``).
 
@@ -190,24 +243,57 @@ def solve_modules(
     eigenproblems of all modules of one shape ``(d_in, d_out)`` are solved in one
     batched LOBPCG call on the operator form of Ω (``lora_da.solvers.LoraDAOperator``,
     neither Ω nor Z⁻¹ formed), preconditioned with ``(βcZ⁻¹ + αI)⁻¹``; with ``"eigh"`` each Ω is formed and decomposed
-    densely in float64. Returns the module inits and the solver backend's name.
+    densely in float64. Returns the module inits and the solver backend's name;
+    adds the seconds of the float64 preparation (``factor_prep``) and of the
+    eigensolves (``solve``) to ``timings`` when given.
     """
     names = list(stats.modules) if names is None else list(names)
-    by_group: Dict[int, InputFactor] = {}
-    input_factors: Dict[str, InputFactor] = {}
-    prepared: Dict[str, PreparedModule] = {}
+    timings = {} if timings is None else timings
+    timings.setdefault("factor_prep", 0.0)
+    timings.setdefault("solve", 0.0)
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[phase] += now - clock
+        clock = now
+
+    first_member: Dict[int, str] = {}
     for name in names:
-        group_index = stats.modules[name].group_index
-        if group_index not in by_group:
-            by_group[group_index] = prepare_input_factor(stats.input_factor(name), config.damping, name)
-        input_factors[name] = by_group[group_index]
-        prepared[name] = prepare_module(
-            name,
-            stats.gradient(name),
-            input_factors[name],
-            stats.output_factor_diag(name),
+        first_member.setdefault(stats.modules[name].group_index, name)
+    if config.solver == "eigh":  # the oracle: the per-module reference functions of lora_da.method
+        by_group = {
+            group: prepare_input_factor(stats.input_factor(name), config.damping, name)
+            for group, name in first_member.items()
+        }
+    else:  # the same quantities, batched over same-shape problems
+        by_group = batched.prepare_input_factors(
+            {group: stats.input_factor(name) for group, name in first_member.items()}, first_member, config.damping
+        )
+    input_factors: Dict[str, InputFactor] = {name: by_group[stats.modules[name].group_index] for name in names}
+    if config.solver == "eigh":
+        prepared: Dict[str, PreparedModule] = {
+            name: prepare_module(
+                name,
+                stats.gradient(name),
+                input_factors[name],
+                stats.output_factor_diag(name),
+                damping=config.damping,
+                train_size=train_size,
+            )
+            for name in names
+        }
+    else:
+        prepared = batched.prepare_modules(
+            names,
+            {name: stats.modules[name].grad_sum for name in names},
+            {name: stats.output_factor_diag(name) for name in names},
+            input_factors,
             damping=config.damping,
             train_size=train_size,
+            gradient_scale=1.0 / stats.num_samples,  # G = grad_sum / n, applied in float64
+            seed=config.seed,
         )
 
     def module_init(name: str, eigenvalues: torch.Tensor, vectors: torch.Tensor) -> ModuleInit:
@@ -227,27 +313,27 @@ def solve_modules(
     result: Dict[str, ModuleInit] = {}
     bar = tqdm(total=len(names), desc="lora-da solves", unit="module", disable=not config.progress, leave=False)
     if config.solver == "eigh":
+        lap("factor_prep")
         for name in names:
             eigenvalues, vectors = dense_eigenpairs(
                 prepared[name], input_factors[name], rank=config.rank, alpha=config.alpha, beta=config.beta
             )
             result[name] = module_init(name, eigenvalues, vectors)
         bar.close()
+        lap("solve")
         return result, EIGH_BACKEND
 
-    # One preconditioner P = (βcZ⁻¹ + αI)⁻¹ per input group (P need not be exact: the
-    # group's members differ only in βc, for which the geometric mean is used).
-    # With α > 0, βcI + αZ is positive definite.
+    # One preconditioner P = (βcZ⁻¹ + αI)⁻¹ per input group, as the Cholesky factor of
+    # M = βcI + αZ (P need not be exact: the group's members differ only in βc, for
+    # which the geometric mean is used). With α > 0, M is positive definite.
     preconditioners: Dict[int, torch.Tensor] = {}
-
-    def preconditioner_of(name: str) -> torch.Tensor:
-        group_index = stats.modules[name].group_index
-        if group_index not in preconditioners:
-            members = [m for m in names if stats.modules[m].group_index == group_index]
+    group_scales: Dict[int, float] = {}
+    if config.alpha > 0:
+        for group in first_member:
+            members = [m for m in names if stats.modules[m].group_index == group]
             scales = torch.tensor([config.beta * prepared[m].variance_scale for m in members], dtype=torch.float64)
-            mean_scale = float(scales.clamp(min=1e-300).log().mean().exp()) if config.beta > 0 else 0.0
-            preconditioners[group_index] = guidance_preconditioner(input_factors[name].matrix, config.alpha, mean_scale)
-        return preconditioners[group_index]
+            group_scales[group] = float(scales.clamp(min=1e-300).log().mean().exp()) if config.beta > 0 else 0.0
+        preconditioners = batched.guidance_preconditioners(by_group, group_scales, config.alpha)
 
     shapes: Dict[Tuple[int, int], List[str]] = {}
     for name in names:
@@ -255,13 +341,16 @@ def solve_modules(
     backends = set()
     redone: List[str] = []
     for same_shape in shapes.values():
+        groups = [stats.modules[name].group_index for name in same_shape]
         operator = LoraDAOperator(
             delta=torch.stack([prepared[name].delta_hat for name in same_shape]),
             cholesky=torch.stack([input_factors[name].cholesky for name in same_shape]),
             alpha=config.alpha,
             variance_scale=[config.beta * prepared[name].variance_scale for name in same_shape],
-            preconditioner=torch.stack([preconditioner_of(name) for name in same_shape]) if config.alpha > 0 else None,
+            preconditioner_cholesky=torch.stack([preconditioners[g] for g in groups]) if preconditioners else None,
+            preconditioner_shift=[group_scales[g] for g in groups] if preconditioners else None,
         )
+        lap("factor_prep")
         solution = lobpcg(operator, config.rank, seed=config.seed)
         failed = failed_eigenpairs(operator, solution).tolist()
         backends.add(solution.backend)
@@ -274,6 +363,7 @@ def solve_modules(
                 result[name] = module_init(name, eigenvalues, vectors)
             else:
                 result[name] = module_init(name, solution.eigenvalues[index], solution.eigenvectors[index])
+        lap("solve")
     bar.close()
     backend = ", ".join(sorted(backends))
     if redone:

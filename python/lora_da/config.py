@@ -53,6 +53,14 @@ class LoraDAConfig:
             from which a rerun with the same arguments resumes. Under
             ``torch.distributed`` each rank uses ``PATH.rank<k>``.
         checkpoint_every: batches between two checkpoints.
+        max_memory: memory budget for the statistics held at once: bytes (an
+            int), or a fraction (a float in (0, 1]) of the device's free memory
+            (CUDA: ``torch.cuda.mem_get_info``; CPU: ``MemAvailable``).
+            ``None`` (default) means half of the free memory, which holds the
+            whole model's statistics in one pass whenever they fit. When they
+            do not, the target modules are split layer by layer into several
+            passes over the data (the loader must then be re-iterable), each
+            solved and freed before the next; ``result.passes`` says how many ran.
     """
 
     rank: int = 8
@@ -70,6 +78,7 @@ class LoraDAConfig:
     gather_to: Optional[int] = None
     stats_checkpoint: Optional[str] = None
     checkpoint_every: int = 50
+    max_memory: Union[None, int, float] = None
     stats_backend: str = "auto"
     solver: str = "auto"
     loss_fn: Optional[Callable] = field(default=None, compare=False)
@@ -110,5 +119,16 @@ class LoraDAConfig:
             raise ValueError(f"gather_to must be a rank (int >= 0) or None, got {self.gather_to!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive int, got {self.checkpoint_every!r}")
+        budget = self.max_memory
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+                raise ValueError(f"max_memory must be bytes (int), a fraction (float) or None, got {budget!r}")
+            if isinstance(budget, int) and budget < 1:
+                raise ValueError(f"max_memory must be a positive number of bytes, got {budget}")
+            if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+                raise ValueError(
+                    f"max_memory as a float is a fraction of free memory in (0, 1], got {budget} "
+                    "(pass an int for bytes)"
+                )
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError("loss_fn must be callable: loss_fn(model, batch) -> per-sample losses")

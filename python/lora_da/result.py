@@ -41,8 +41,12 @@ class LoraInit:
         num_samples / num_tokens: ``n`` and ``|T|`` of the statistics.
         num_batches / skipped_batches / skipped_samples: loader bookkeeping
             (skipped: the token mask kept nothing / a sample had no label).
-        timings: wall seconds per phase (``statistics``, ``solve``, ``total``).
+        timings: wall seconds per phase: ``forward_backward``,
+            ``statistics_accumulate``, ``factor_prep``, ``solve``, ``total``
+            (plus ``all_reduce``/``gather`` under ``torch.distributed``).
         backends: which implementation ran each phase.
+        passes: passes over the data (more than one only under a ``max_memory`` budget).
+        statistics_bytes: peak bytes of the statistics held at once.
     """
 
     modules: Dict[str, ModuleInit]
@@ -55,6 +59,8 @@ class LoraInit:
     skipped_samples: int
     timings: Dict[str, float] = field(default_factory=dict)
     backends: Dict[str, str] = field(default_factory=dict)
+    passes: int = 1
+    statistics_bytes: int = 0
 
     @property
     def input_groups(self) -> List[Tuple[str, ...]]:
@@ -142,6 +148,8 @@ class LoraInit:
             "skipped_batches": self.skipped_batches,
             "skipped_samples": self.skipped_samples,
             "timings_s": dict(self.timings),
+            "passes": self.passes,
+            "statistics_bytes": self.statistics_bytes,
             "backends": dict(self.backends),
             "input_groups": [list(g) for g in self.input_groups],
             "modules": {
@@ -166,5 +174,6 @@ class LoraInit:
             "phases: "
             + ", ".join(f"{phase} {seconds:.3f}s" for phase, seconds in self.timings.items()),
             "backends: " + ", ".join(f"{phase}={backend}" for phase, backend in self.backends.items()),
+            f"statistics: {self.passes} pass(es) over the data, peak {self.statistics_bytes / 2**20:.1f} MiB",
         ]
         return "\n".join(lines)

@@ -60,7 +60,11 @@ class LoraDAOperator:
     cholesky: torch.Tensor
     alpha: float
     variance_scale: Union[float, Sequence[float], torch.Tensor]
-    preconditioner: Optional[torch.Tensor] = None  # (*batch, d_in, d_in), see guidance_preconditioner
+    # Optional preconditioner P = (s Z⁻¹ + αI)⁻¹ = (I − s M⁻¹)/α, given factored: the lower
+    # Cholesky factor of M = sI + αZ ((*batch, d_in, d_in), see guidance_preconditioner)
+    # and one shift s per problem (s ≈ βc; P need not be exact). Needs α > 0.
+    preconditioner_cholesky: Optional[torch.Tensor] = None
+    preconditioner_shift: Union[None, float, Sequence[float], torch.Tensor] = None
 
     @property
     def size(self) -> int:
@@ -81,6 +85,16 @@ class LoraDAOperator:
         return 0.5 * (omega + omega.transpose(-1, -2))
 
 
+    def dense_preconditioner(self) -> torch.Tensor:
+        """P = (I − s M⁻¹)/α formed in float64 (for tests)."""
+        if self.preconditioner_cholesky is None:
+            raise ValueError("this operator has no preconditioner")
+        factor = self.preconditioner_cholesky.to(torch.float64)
+        eye = torch.eye(self.size, dtype=torch.float64, device=factor.device)
+        shift = torch.as_tensor(self.preconditioner_shift, dtype=torch.float64, device=factor.device)
+        shift = shift.reshape(*shift.shape, 1, 1) if shift.dim() else shift
+        return (eye - shift * torch.cholesky_inverse(factor)) / self.alpha
+
     def apply(self, vectors: torch.Tensor) -> torch.Tensor:
         """``Ω V`` in float64 with PyTorch (``V``: ``(*batch, d_in, j)``), for checking results."""
         d = self.delta.to(torch.float64)
@@ -93,18 +107,20 @@ class LoraDAOperator:
 
 
 def guidance_preconditioner(input_factor: torch.Tensor, alpha: float, variance_scale: float) -> torch.Tensor:
-    """``P = (βc Z⁻¹ + α I)⁻¹ = Z (βc I + α Z)⁻¹`` in float64, from ``Z`` (damped);
-    ``variance_scale`` is ``βc``. Symmetric positive definite.
+    """The factor of ``P = (βc Z⁻¹ + α I)⁻¹ = (I − βc M⁻¹)/α``: the lower Cholesky
+    factor of ``M = βc I + α Z`` in float64 (``Z`` damped, ``α > 0``; batched
+    inputs ``(*B, n, n)`` allowed); ``variance_scale`` is ``βc``.
 
     Ω's spectrum is wide where ``Z`` is small (``βc/z`` there); ``P`` scales those
     directions by ``z/(βc + αz)`` and is ``≈ I/α`` where ``Z`` is large, so the
     preconditioned operator has a bounded spectrum and LOBPCG needs few iterations.
+    The solver applies ``P`` with two triangular solves; it is never formed.
     """
-    z = input_factor.to(torch.float64)
-    eye = torch.eye(z.shape[-1], dtype=torch.float64, device=z.device)
-    shifted = variance_scale * eye + alpha * z  # M = βcI + αZ, positive definite for α > 0
-    p = torch.cholesky_solve(z, torch.linalg.cholesky(shifted))  # M⁻¹Z (M and Z commute: symmetric)
-    return 0.5 * (p + p.transpose(-1, -2))
+    if not alpha > 0:
+        raise ValueError(f"the preconditioner needs alpha > 0, got {alpha}")
+    shifted = alpha * input_factor.to(torch.float64)
+    shifted.diagonal(dim1=-2, dim2=-1).add_(variance_scale)  # M = βcI + αZ, positive definite for α > 0
+    return torch.linalg.cholesky(shifted)
 
 
 def failed_eigenpairs(operator: LoraDAOperator, result: "LobpcgResult", safety: float = 100.0) -> torch.Tensor:
@@ -240,12 +256,24 @@ def lobpcg(
         if scale.numel() != batch:
             raise ValueError(f"variance_scale needs 1 or {batch} values, got {scale.numel()}")
         device, stream = _device_and_stream(d_flat)
-        preconditioner_ptr = 0
-        if op.preconditioner is not None:
-            preconditioner = op.preconditioner.to(device=delta.device, dtype=dtype).reshape(-1, n, n).contiguous()
+        preconditioner_ptr, shifts = 0, []
+        if op.preconditioner_cholesky is not None:
+            if not op.alpha > 0:
+                raise ValueError(f"the preconditioner needs alpha > 0, got {op.alpha}")
+            factor = op.preconditioner_cholesky
+            preconditioner = factor.to(device=delta.device, dtype=dtype).reshape(-1, n, n).contiguous()
             if preconditioner.shape[0] != batch:
-                raise ValueError(f"preconditioner must be (*batch, {n}, {n}) like delta, got {tuple(op.preconditioner.shape)}")
-            preconditioner_ptr = preconditioner.data_ptr()
+                raise ValueError(
+                    f"preconditioner_cholesky must be (*batch, {n}, {n}) like delta, got {tuple(factor.shape)}"
+                )
+            if op.preconditioner_shift is None:
+                raise ValueError("preconditioner_cholesky needs preconditioner_shift (one value, or one per problem)")
+            shift = torch.as_tensor(op.preconditioner_shift, dtype=torch.float64).reshape(-1).cpu()
+            if shift.numel() == 1:
+                shift = shift.expand(batch)
+            if shift.numel() != batch:
+                raise ValueError(f"preconditioner_shift needs 1 or {batch} values, got {shift.numel()}")
+            preconditioner_ptr, shifts = preconditioner.data_ptr(), [float(v) for v in shift.tolist()]
         k = int(k)
         if not 1 <= k <= n:
             raise ValueError(f"k={k} must lie in [1, {n}]")
@@ -255,7 +283,7 @@ def lobpcg(
                 d_flat.data_ptr(), batch, n, d_out, n * d_out, cholesky_flat.data_ptr(), stride_z,
                 float(op.alpha), [float(v) for v in scale.tolist()], str(dtype).replace("torch.", ""),
                 k, guard_arg, bool(largest), tol_arg, int(max_iter), int(seed), vectors.data_ptr(), device, stream,
-                preconditioner_ptr, n * n,
+                preconditioner_ptr, n * n, shifts,
             )
     else:
         matrix = matrix_or_operator

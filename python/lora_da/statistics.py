@@ -20,7 +20,9 @@ detected from the tensors themselves (same storage, shape, strides, version).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -69,6 +71,13 @@ class KFACStatistics:
     skipped_batches: int = 0
     skipped_samples: int = 0
     backend: str = "torch"  # which implementation accumulated the sums
+    accumulate_seconds: float = 0.0  # time spent accumulating Z, y and G inside the pass (not persisted)
+
+    def nbytes(self) -> int:
+        """Bytes held by the sums (Z per input group, G and y per module)."""
+        tensors = [g.input_factor_sum for g in self.groups]
+        tensors += [t for m in self.modules.values() for t in (m.grad_sum, m.output_factor_diag_sum)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def gradient(self, name: str) -> torch.Tensor:
         """``G = (1/n) Σ_samples ∇_W ℓ_sample`` (``d_out x d_in``)."""
@@ -120,6 +129,40 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
 
 
+class _AccumulateClock:
+    """Time spent in the statistics accumulation inside the pass.
+
+    On CPU the work is synchronous: wall time around each call. On CUDA a pair
+    of events per call, read once at the end of the pass (one sync, no host
+    sync inside the pass).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.events: List[tuple] = []
+
+    @contextlib.contextmanager
+    def measure(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            begin = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - begin
+
+    def total(self) -> float:
+        if self.events:
+            torch.cuda.synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000.0
+            self.events.clear()
+        return self.seconds
+
+
 @dataclass
 class _LiveInput:
     """One input tensor seen in the current batch, until its members' gradients arrive."""
@@ -131,9 +174,12 @@ class _LiveInput:
 
 
 class _Collector:
-    def __init__(self, modules: Dict[str, nn.Linear], backend: StatisticsBackend = TORCH_BACKEND):
+    def __init__(
+        self, modules: Dict[str, nn.Linear], backend: StatisticsBackend = TORCH_BACKEND, device: Optional[torch.device] = None
+    ):
         self.modules = modules
         self.backend = backend
+        self.clock = _AccumulateClock(device or torch.device("cpu"))
         self.stats = KFACStatistics(modules={}, groups=[])
         self.group_of: Dict[str, int] = {}
         self._reset_batch()
@@ -263,9 +309,10 @@ class _Collector:
                         ),
                     )
                 )
-            self.backend.accumulate_input_factor(
-                self.stats.groups[group_index].input_factor_sum, flat, self.token_weights
-            )
+            with self.clock.measure():
+                self.backend.accumulate_input_factor(
+                    self.stats.groups[group_index].input_factor_sum, flat, self.token_weights
+                )
             live = _LiveInput(rows=flat, group_index=group_index)
             self.live_by_key[key] = live
         if name not in self.group_of:  # first batch: join the group of this input
@@ -291,13 +338,14 @@ class _Collector:
         def hook(grad: torch.Tensor) -> None:
             live = self.live_by_module[name]
             stats = self.stats.modules[name]
-            self.backend.accumulate_output_statistics(
-                stats.output_factor_diag_sum,
-                stats.grad_sum,
-                grad.reshape(-1, out_features),
-                live.rows,
-                self.token_weights,
-            )
+            with self.clock.measure():
+                self.backend.accumulate_output_statistics(
+                    stats.output_factor_diag_sum,
+                    stats.grad_sum,
+                    grad.reshape(-1, out_features),
+                    live.rows,
+                    self.token_weights,
+                )
             self.gradients_seen.add(name)
             live.pending -= 1
             if live.pending == 0:
@@ -350,7 +398,7 @@ def collect_statistics(
     loss_fn = loss_fn or causal_lm_per_sample_loss
     device = model_device(model)
     backend = select_backend(device, stats_backend, _model_dtype(model))
-    collector = _Collector(modules, backend)
+    collector = _Collector(modules, backend, device)
     stats = collector.stats
     stats.backend = backend.name
     try:
@@ -429,8 +477,10 @@ def collect_statistics(
 
     if checkpoint is not None and stats.num_batches > resume_from:
         checkpoint.save(collector.state())  # before finalize: the state of a pass in progress
-    for group in stats.groups:  # e.g. mirror the Triton kernel's upper triangle, once per pass
-        backend.finalize_input_factor(group.input_factor_sum)
+    with collector.clock.measure():
+        for group in stats.groups:  # e.g. mirror the Triton kernel's upper triangle, once per pass
+            backend.finalize_input_factor(group.input_factor_sum)
+    stats.accumulate_seconds = collector.clock.total()
     if check_totals:
         stats.check_totals()
     return stats

@@ -1,0 +1,222 @@
+"""Init overhead: lora-da's ``initialize()`` against the published algorithm and the floor.
+
+    python bench/bench_init_overhead.py --case tiny
+    python bench/bench_init_overhead.py --case smollm2 [--samples 32 --length 256] [--output FILE]
+    python bench/bench_init_overhead.py --case llama7b-shaped  (GPU: hidden 4096, bf16, a few layers)
+
+One process, one run, same model, data and hyper-parameters for all three:
+
+* **floor** — one plain forward+backward pass over the data (HF loss,
+  ``.backward()``, every parameter trainable, no hooks);
+* **ours** — ``lora_da.initialize(model, loader, r)`` with its defaults
+  (per-phase times from ``result.timings``);
+* **baseline** — ``bench/published_baseline.py``: the published recipe
+  (separate gradient pass, one more pass per 8 layers, fp32 addmm on
+  boolean-gathered rows, explicit Z⁻¹, ``torch.lobpcg(niter=10)`` per module).
+
+Then, untimed: both answers against the dense ``eigh`` oracle on their own
+statistics (largest principal angle per module type), and ours against the
+baseline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import platform
+import time
+import warnings
+from typing import Dict, List, Tuple
+
+import torch
+
+import lora_da
+from lora_da import api
+from lora_da.api import solve_modules
+from lora_da.cli import plain_pass_seconds
+from lora_da.models import batches
+
+from published_baseline import eigh_subspace, largest_angle, module_type, published_initialize
+
+RANK = 8
+
+
+def smollm2_case(num_samples: int, length: int) -> Tuple[torch.nn.Module, List[dict], str]:
+    """SmolLM2-135M-Instruct and ``num_samples`` windows of exactly ``length`` tokens,
+    packed from GSM8K-style chats (labels on the answers only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_da.data import encode_rows
+    from lora_da.demo_assets import gsm_rows, smollm2_dir
+
+    directory = smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    needed = num_samples * length
+    ids: List[torch.Tensor] = []
+    labels: List[torch.Tensor] = []
+    rows = gsm_rows(4 * num_samples * length // 150 + 8)
+    for sample in encode_rows(list(enumerate(rows, 1)), tokenizer, max_length=4096):
+        ids.append(sample.input_ids)
+        labels.append(sample.labels)
+        if sum(t.numel() for t in ids) >= needed:
+            break
+    stream_ids, stream_labels = torch.cat(ids)[:needed], torch.cat(labels)[:needed]
+    samples = [
+        {"input_ids": i, "labels": lab}
+        for i, lab in zip(stream_ids.view(num_samples, length), stream_labels.view(num_samples, length))
+    ]
+    return model, list(batches(samples, 4)), f"SmolLM2-135M-Instruct, {num_samples} x {length} tokens (GSM chats packed)"
+
+
+def tiny_case() -> Tuple[torch.nn.Module, List[dict], str]:
+    from lora_da.models import synthetic_samples, tiny_llama
+
+    model = tiny_llama(hidden_size=64, intermediate_size=128, num_layers=4)
+    return model, list(batches(synthetic_samples(64, max_len=32), 8)), "tiny Llama (4 layers, hidden 64), 64 samples"
+
+
+def llama7b_shaped_case(num_layers: int, num_samples: int, length: int):
+    """Random weights with Llama-2-7B's layer shapes (hidden 4096, intermediate 11008), bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(num_samples):
+        ids = torch.randint(3, 32000, (length,), generator=generator)
+        samples.append({"input_ids": ids, "labels": ids.clone()})
+    return model, list(batches(samples, 4)), f"Llama-7B-shaped, {num_layers} layers, bf16, {num_samples} x {length}"
+
+
+class _KeepStatistics:
+    """Keeps what ``initialize``'s statistics pass returned (for the untimed oracle)."""
+
+    def __init__(self) -> None:
+        self.kept = []
+        self.original = api.collect_statistics
+
+    def __enter__(self):
+        def spy(*args, **kwargs):
+            stats = self.original(*args, **kwargs)
+            self.kept.append(stats)
+            return stats
+
+        api.collect_statistics = spy
+        return self
+
+    def __exit__(self, *exc):
+        api.collect_statistics = self.original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", choices=["tiny", "smollm2", "llama7b-shaped"], default="tiny")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4, help="llama7b-shaped: number of layers")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--output")
+    args = parser.parse_args()
+
+    if args.case == "tiny":
+        model, loader, what = tiny_case()
+    elif args.case == "smollm2":
+        model, loader, what = smollm2_case(args.samples, args.length)
+    else:
+        model, loader, what = llama7b_shaped_case(args.layers, args.samples, args.length)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        loader = [{k: v.to(device) for k, v in b.items()} for b in loader]
+    num_tokens = sum(int(b["input_ids"].numel()) for b in loader)
+    train_size = 1000
+    print(f"{what}: {len(loader)} batches, {num_tokens} tokens; rank {RANK}; device {device}", flush=True)
+
+    plain_pass_seconds(model, loader[:1])  # warm-up (allocator, kernels)
+    floor = plain_pass_seconds(model, loader)
+    print(f"floor: {floor:.2f} s", flush=True)
+
+    with _KeepStatistics() as keep, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = lora_da.initialize(model, loader, RANK, train_size=train_size, progress=False)
+    print(f"ours: {ours.timings}", flush=True)
+
+    baseline = None
+    if not args.skip_baseline:
+        baseline = published_initialize(model, loader, RANK, train_size=train_size)
+        print(f"baseline: {baseline.timings} ({baseline.passes} factor passes)", flush=True)
+
+    # untimed: agreement with the eigh oracle
+    worst: Dict[str, Dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = lora_da.LoraDAConfig(rank=RANK, solver="eigh", progress=False)
+        oracle = {}
+        for stats in keep.kept:
+            oracle.update(solve_modules(stats, config, train_size)[0])
+    for name, exact in oracle.items():
+        kind = module_type(name)
+        worst[kind]["ours vs eigh"] = max(worst[kind]["ours vs eigh"], largest_angle(ours.modules[name].lora_A.T, exact.lora_A.T))
+        if baseline is not None:
+            reference = eigh_subspace(baseline.guidance[name], RANK)
+            angle = largest_angle(baseline.lora_A[name].T, reference)
+            worst[kind]["baseline vs eigh"] = max(worst[kind]["baseline vs eigh"], angle)
+            worst[kind]["baseline's eigh vs ours"] = max(
+                worst[kind]["baseline's eigh vs ours"], largest_angle(reference, ours.modules[name].lora_A.T)
+            )
+
+    ours_total = ours.timings["total"]
+    lines = [
+        f"# Init overhead: {what}",
+        "",
+        f"`python bench/bench_init_overhead.py --case {args.case}"
+        + (f" --samples {args.samples} --length {args.length}`" if args.case != "tiny" else "`"),
+        "",
+        f"Device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads; torch {torch.__version__}; {len(ours.modules)} modules, {num_tokens} tokens, "
+        f"rank {RANK}; ours: statistics `{ours.backends.get('statistics')}`, solve `{ours.backends.get('solve')}`, "
+        f"{ours.passes} pass(es), statistics peak {ours.statistics_bytes / 2**20:.0f} MiB.",
+        "",
+        "| phase | floor (s) | ours (s) | baseline (s) |",
+        "|---|---|---|---|",
+        f"| plain forward+backward | {floor:.2f} | | |",
+    ]
+    ours_rows = [("forward+backward", "forward_backward"), ("statistics accumulation", "statistics_accumulate"),
+                 ("factor prep", "factor_prep"), ("solve", "solve")]
+    for label, key in ours_rows:
+        lines.append(f"| ours: {label} | | {ours.timings.get(key, float('nan')):.2f} | |")
+    if baseline is not None:
+        for phase, seconds in baseline.timings.items():
+            if phase != "total":
+                lines.append(f"| baseline: {phase} | | | {seconds:.2f} |")
+    lines.append(
+        f"| **total** | **{floor:.2f}** | **{ours_total:.2f}** | "
+        + (f"**{baseline.timings['total']:.2f}** |" if baseline is not None else "|")
+    )
+    lines += ["", f"* ours / floor: **{ours_total / floor:.2f}x**"]
+    if baseline is not None:
+        lines += [
+            f"* baseline / ours: **{baseline.timings['total'] / ours_total:.1f}x**",
+            f"* baseline / floor: {baseline.timings['total'] / floor:.2f}x",
+        ]
+    columns = ["ours vs eigh"] + (["baseline vs eigh", "baseline's eigh vs ours"] if baseline is not None else [])
+    lines += ["", "Largest principal angle (radians) per module type:", "",
+              "| module type | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for kind, angles in worst.items():
+        lines.append(f"| {kind} | " + " | ".join(f"{angles[c]:.1e}" for c in columns) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"(benchmark wall time {time.perf_counter() - start:.0f} s)")

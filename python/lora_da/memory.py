@@ -1,0 +1,121 @@
+"""The memory budget: how many layers' statistics one pass over the data holds.
+
+The statistics of a target module are its gradient ``G`` (``d_out x d_in``),
+its output factor ``y`` (``d_out``) and the input factor ``Z`` (``d_in x d_in``)
+of its input group. Which modules share an input is only known once the model
+has run, so the plan counts one ``Z`` per module: an upper bound (q/k/v and
+gate/up share theirs). Modules are kept together by layer (the part of the name
+up to the first number, e.g. ``model.layers.3``), and consecutive layers are
+packed into a pass while they fit the budget.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, List, Union
+
+import torch
+from torch import nn
+
+from .targets import linear_dims
+
+DEFAULT_FRACTION = 0.5  # of the free memory, when the user gives no budget
+_LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` (CUDA: ``mem_get_info``; CPU: ``MemAvailable``)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - exotic platforms
+        return 2**63 - 1
+
+
+def statistics_budget(max_memory: Union[None, int, float], device: torch.device) -> int:
+    """``max_memory`` (bytes, a fraction of free memory, or ``None``) in bytes."""
+    if isinstance(max_memory, int) and not isinstance(max_memory, bool):
+        return max_memory
+    fraction = DEFAULT_FRACTION if max_memory is None else float(max_memory)
+    return int(fraction * free_memory(device))
+
+
+def module_statistics_bytes(module: nn.Module, element_size: int) -> int:
+    """Upper bound of one module's statistics: G, y and a Z of its own."""
+    d_in, d_out = linear_dims(module)
+    return (d_out * d_in + d_out + d_in * d_in) * element_size
+
+
+def layer_of(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` → ``model.layers.3``; the name itself when it has no number."""
+    match = _LAYER.match(name)
+    return match.group(1) if match else name
+
+
+def plan_passes(modules: Dict[str, nn.Module], budget: int, element_size: int) -> List[Dict[str, nn.Module]]:
+    """Split ``modules`` (in order) into passes whose statistics fit ``budget`` bytes.
+
+    Whole layers go together; a layer that alone exceeds the budget is split
+    module by module. Raises ``MemoryError`` naming a module that alone does not fit.
+    """
+    layers: Dict[str, Dict[str, nn.Module]] = {}
+    for name, module in modules.items():
+        layers.setdefault(layer_of(name), {})[name] = module
+
+    passes: List[Dict[str, nn.Module]] = []
+    current: Dict[str, nn.Module] = {}
+    used = 0
+
+    def add(units: Dict[str, nn.Module], size: int) -> None:
+        nonlocal current, used
+        if current and used + size > budget:
+            passes.append(current)
+            current, used = {}, 0
+        current.update(units)
+        used += size
+
+    for layer_modules in layers.values():
+        sizes = {name: module_statistics_bytes(m, element_size) for name, m in layer_modules.items()}
+        if sum(sizes.values()) <= budget:
+            add(layer_modules, sum(sizes.values()))
+            continue
+        for name, module in layer_modules.items():
+            if sizes[name] > budget:
+                raise MemoryError(
+                    f"the statistics of module '{name}' need {format_bytes(sizes[name])}, more than the "
+                    f"max_memory budget of {format_bytes(budget)}; raise max_memory"
+                )
+            add({name: module}, sizes[name])
+    if current:
+        passes.append(current)
+    return passes
+
+
+def format_bytes(count: int) -> str:
+    """``1536`` → ``'1.5 KiB'``."""
+    value = float(count)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"  # pragma: no cover
+
+
+def is_reiterable(loader: object) -> bool:
+    """False for one-shot iterators (generators), which a second pass would find empty."""
+    try:
+        return iter(loader) is not loader
+    except TypeError:
+        return False
+
+
+__all__ = ["free_memory", "statistics_budget", "plan_passes", "layer_of", "module_statistics_bytes", "is_reiterable"]
