@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import LoraDAConfig, TargetModules, TokenMask
+from .methods import check_loader, initialize_method
 from .method import InputFactor, PreparedModule, dense_eigenpairs, finish_module, prepare_input_factor, prepare_module
 from .result import LoraInit, ModuleInit
 from .solvers import EIGH_BACKEND, LoraDAOperator, failed_eigenpairs, guidance_preconditioner, lobpcg
@@ -42,6 +43,8 @@ def initialize(
     stats_checkpoint: Optional[str] = None,
     checkpoint_every: int = 50,
     solver: str = "auto",
+    method: str = "lora-da",
+    method_options: Optional[Mapping[str, float]] = None,
 ) -> LoraInit:
     """Compute LoRA-DA's data-aware LoRA initialization of ``model``.
 
@@ -68,6 +71,13 @@ def initialize(
         gather_to: under ``torch.distributed``, the rank that receives every
             module's factors (``None``: all ranks do; other ranks then return
             only the modules they solved).
+        method: ``"lora-da"`` (default), or one of the other initializations
+            computed from the same statistics pass (``"lora"``, ``"pissa"``,
+            ``"milora"``, ``"lora-ga"``, ``"lora-one"``, ``"cntlora"``,
+            ``"fisher-subspace"``; criteria in :mod:`lora_da.methods`). Each
+            collects only what it needs: ``lora``/``pissa``/``milora`` take
+            ``loader=None``, ``cntlora`` runs forward passes only.
+        method_options: method-specific options (see ``lora_da.methods.METHOD_OPTIONS``).
         Other arguments: see :class:`lora_da.LoraDAConfig`.
 
     Returns:
@@ -92,6 +102,8 @@ def initialize(
         stats_checkpoint=stats_checkpoint,
         checkpoint_every=checkpoint_every,
         solver=solver,
+        method=method,
+        method_options=method_options,
     )
     return initialize_from_config(model, loader, config)
 
@@ -106,6 +118,9 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
     start = time.perf_counter()
     model = distributed.unwrap_model(model)
     modules = find_target_modules(model, config.target_modules, config.rank)
+    if config.method != "lora-da":  # the other initializations share the pass (lora_da.methods)
+        return initialize_method(model, loader, config, modules)
+    check_loader(config.method, loader)
     run_distributed = distributed.is_active()
     checkpoint_path = config.stats_checkpoint
     if checkpoint_path is not None and run_distributed:
