@@ -8,6 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import lora_da
 from lora_da.models import batches, synthetic_samples, tiny_llama
+from lora_da.peft_glue import load_init_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore:train_size not given")
 
@@ -87,7 +88,7 @@ def test_rslora_scaling_round_trip(data, tmp_path):
     assert math.isclose(layer.scaling["default"], 8 / math.sqrt(RANK))
 
 
-def test_preserve_output_leaves_logits_unchanged(data):
+def test_preserve_output_leaves_logits_unchanged(data, tmp_path):
     init = make_init(data, preserve_output=True)
     peft_model = peft_of(init, lora_alpha=32)
     init.apply(peft_model)
@@ -95,8 +96,10 @@ def test_preserve_output_leaves_logits_unchanged(data):
     torch.testing.assert_close(logits(peft_model, batch), logits(tiny_llama(), batch), rtol=1e-4, atol=1e-5)
     with peft_model.disable_adapter():  # the base weights did change
         assert not torch.allclose(logits(peft_model, batch), logits(tiny_llama(), batch), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="preserve_output=True"):
-        init.save_pretrained("/nonexistent-dir")
+    # saved: the init's factors, for the offset base; load_init_adapter offsets the unmodified base
+    init.save_pretrained(str(tmp_path), lora_alpha=32)
+    loaded = load_init_adapter(tiny_llama(), str(tmp_path))
+    torch.testing.assert_close(logits(loaded, batch), logits(peft_model, batch), rtol=1e-5, atol=1e-6)
 
 
 def test_apply_checks_rank_and_names(data):

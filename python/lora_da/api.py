@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from . import batched, distributed
 from .config import LoraDAConfig, TargetModules, TokenMask
+from .methods import check_loader, initialize_method
 from .method import InputFactor, PreparedModule, dense_eigenpairs, finish_module, prepare_input_factor, prepare_module
 from .result import LoraInit, ModuleInit
 from .solvers import EIGH_BACKEND, LoraDAOperator, failed_eigenpairs, lobpcg
@@ -44,6 +45,8 @@ def initialize(
     checkpoint_every: int = 50,
     solver: str = "auto",
     max_memory: Union[None, int, float] = None,
+    method: str = "lora-da",
+    method_options: Optional[Mapping[str, float]] = None,
 ) -> LoraInit:
     """Compute LoRA-DA's data-aware LoRA initialization of ``model``.
 
@@ -74,6 +77,13 @@ def initialize(
             fraction of free device memory; default half of it). The whole
             model's statistics go in one pass when they fit; otherwise the
             layers are split over several passes (``result.passes``).
+        method: ``"lora-da"`` (default), or one of the other initializations
+            computed from the same statistics pass (``"lora"``, ``"pissa"``,
+            ``"milora"``, ``"lora-ga"``, ``"lora-one"``, ``"cntlora"``,
+            ``"fisher-subspace"``; criteria in :mod:`lora_da.methods`). Each
+            collects only what it needs: ``lora``/``pissa``/``milora`` take
+            ``loader=None``, ``cntlora`` runs forward passes only.
+        method_options: method-specific options (see ``lora_da.methods.METHOD_OPTIONS``).
         Other arguments: see :class:`lora_da.LoraDAConfig`.
 
     Returns:
@@ -104,6 +114,8 @@ def initialize(
         checkpoint_every=checkpoint_every,
         solver=solver,
         max_memory=max_memory,
+        method=method,
+        method_options=method_options,
     )
     return initialize_from_config(model, loader, config)
 
@@ -118,6 +130,9 @@ def initialize_from_config(model: nn.Module, loader: Any, config: LoraDAConfig) 
     start = time.perf_counter()
     model = distributed.unwrap_model(model)
     modules = find_target_modules(model, config.target_modules, config.rank)
+    if config.method != "lora-da":  # the other initializations share the pass (lora_da.methods)
+        return initialize_method(model, loader, config, modules)
+    check_loader(config.method, loader)
     run_distributed = distributed.is_active()
     device = model_device(model)
     element_size = 8 if _model_dtype(model) == torch.float64 else 4  # the statistics' accumulator dtype

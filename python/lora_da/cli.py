@@ -219,8 +219,9 @@ def compute_init(model, loader, args, train_size: int, progress: bool):
     ``r`` (``--report-eigenvalues``) and keeps the rank-``r`` init (:meth:`LoraInit.truncate`)."""
     from .api import initialize
 
+    method = getattr(args, "method", "lora-da")
     try:
-        extra = _extra_eigenvalues(model, args)
+        extra = _extra_eigenvalues(model, args) if method == "lora-da" else 0
     except ValueError as error:
         raise UsageError(str(error)) from None
     try:
@@ -237,6 +238,7 @@ def compute_init(model, loader, args, train_size: int, progress: bool):
             token_mask=args.token_mask,
             seed=args.seed,
             progress=progress,
+            method=method,
         )
     except ValueError as error:  # option values rejected by LoraDAConfig
         raise UsageError(str(error)) from None
@@ -305,7 +307,8 @@ def run_init(args, data: Any, *, title: Optional[str] = None) -> Tuple[Any, Dict
             "use_rslora": args.use_rslora,
             "truncated_samples": cut,
         }
-        write_report(init, staging.path, extra=extra, phases=phases, title=title, visual=not args.no_visual)
+        visual = not args.no_visual and init.method == "lora-da"  # the plots show Ω's spectrum
+        write_report(init, staging.path, extra=extra, phases=phases, title=title, visual=visual)
         staging.commit()
     except BaseException:
         staging.discard()
@@ -560,6 +563,14 @@ def _add_model_data(p: argparse.ArgumentParser, *, need_model: bool = True, max_
 
 
 def _add_hyper(p: argparse.ArgumentParser) -> None:
+    from .methods import METHODS
+
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="lora-da",
+        help="initialization (default lora-da); the others share the statistics pass, see the README",
+    )
     g = p.add_argument_group("LoRA-DA hyper-parameters (defaults as published)")
     g.add_argument("--alpha", type=float, default=1.0, help="weight of the bias term -α Δ̂Δ̂ᵀ of Ω")
     g.add_argument("--beta", type=float, default=0.03, help="weight of the variance term β c Z⁻¹ of Ω")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -61,6 +61,14 @@ class LoraDAConfig:
             do not, the target modules are split layer by layer into several
             passes over the data (the loader must then be re-iterable), each
             solved and freed before the next; ``result.passes`` says how many ran.
+            (LoRA-DA only; the other ``method`` values run one pass.)
+        method: which initialization: ``"lora-da"`` (default) or one of the
+            other methods of :mod:`lora_da.methods` (``"lora"``, ``"pissa"``,
+            ``"milora"``, ``"lora-ga"``, ``"lora-one"``, ``"cntlora"``,
+            ``"fisher-subspace"``). ``alpha``, ``beta`` and ``train_size`` are
+            LoRA-DA's; ``fisher-subspace`` uses ``gamma`` and ``damping``.
+        method_options: method-specific numbers (``lora_da.methods.METHOD_OPTIONS``
+            lists them with their defaults), e.g. ``{"stable_gamma": 16}`` for lora-ga.
     """
 
     rank: int = 8
@@ -82,8 +90,13 @@ class LoraDAConfig:
     stats_backend: str = "auto"
     solver: str = "auto"
     loss_fn: Optional[Callable] = field(default=None, compare=False)
+    method: str = "lora-da"
+    method_options: Optional[Mapping[str, float]] = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        from .methods import resolve_method_options
+
+        resolve_method_options(self.method, self.method_options)  # ValueError naming the valid methods
         if self.solver not in ("auto", "eigh"):
             raise ValueError(f"solver must be 'auto' or 'eigh', got {self.solver!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import warnings
 from typing import TYPE_CHECKING, Dict, Optional
 
@@ -32,6 +34,49 @@ def _find_layer(layers: Dict[str, nn.Module], name: str) -> nn.Module:
     return layers[matches[0]]
 
 
+def factors_for_scaling(init: "LoraInit", name: str, scaling: float):
+    """``(lora_A, lora_B)`` of module ``name`` as written into a layer of scaling ``s``:
+    divided by ``√s`` when the init's factors are for ``s = 1`` (:attr:`LoraInit.unit_scaling_factors`)."""
+    module_init = init.modules[name]
+    if not init.unit_scaling_factors:
+        return module_init.lora_A, module_init.lora_B
+    root = math.sqrt(scaling)
+    return module_init.lora_A / root, module_init.lora_B / root
+
+
+def peft_scaling(lora_alpha: Optional[float], rank: int, use_rslora: bool) -> float:
+    """PEFT's scaling ``s`` for a layer of rank ``rank`` (``lora_alpha`` ``None``: PEFT's default)."""
+    if lora_alpha is None:
+        lora_alpha = _require_peft().LoraConfig().lora_alpha
+    return float(lora_alpha) / (math.sqrt(rank) if use_rslora else rank)
+
+
+def rank_pattern(init: "LoraInit") -> Dict[str, int]:
+    """PEFT ``rank_pattern`` for modules whose rank differs from :attr:`LoraInit.max_rank`
+    (keys are escaped full names: PEFT reads them as regular expressions)."""
+    top = init.max_rank
+    return {re.escape(name): rank for name, rank in init.ranks.items() if rank != top}
+
+
+def _offset_base_weight(name: str, layer: nn.Module, adapter_name: str) -> None:
+    """``W ← W − s·B·A`` from the layer's own (cast) factors."""
+    base = layer.get_base_layer().weight
+    if not base.is_floating_point():
+        raise TypeError(
+            f"module '{name}': the base weight is {base.dtype}; this init changes W (W - s*B*A) "
+            "and needs a floating-point base weight"
+        )
+    a_param = layer.lora_A[adapter_name].weight
+    b_param = layer.lora_B[adapter_name].weight
+    scaling = float(layer.scaling[adapter_name])
+    # The adapted layer will add s·B·A computed from the stored (cast) factors.
+    delta = scaling * (b_param.to(torch.float32) @ a_param.to(torch.float32))
+    if getattr(layer, "fan_in_fan_out", False):  # GPT-2 Conv1D stores W as d_in x d_out
+        delta = delta.T
+    with torch.no_grad():
+        base.copy_((base.to(torch.float32) - delta.to(base.device)).to(base.dtype))
+
+
 def apply_to_peft_model(init: "LoraInit", peft_model: nn.Module, adapter_name: str = "default") -> None:
     """Copy ``init``'s factors into ``peft_model``'s LoRA layers (see :meth:`LoraInit.apply`)."""
     layers = _lora_layers(peft_model, adapter_name)
@@ -52,6 +97,11 @@ def apply_to_peft_model(init: "LoraInit", peft_model: nn.Module, adapter_name: s
             )
         if getattr(layer, "use_dora", {}).get(adapter_name, False):
             raise ValueError(f"module '{name}': DoRA layers are not supported by LoRA-DA's init")
+        if init.modifies_base_weight and not layer.get_base_layer().weight.is_floating_point():
+            raise TypeError(
+                f"module '{name}': the base weight is {layer.get_base_layer().weight.dtype}; this init changes W "
+                "(W - s*B*A) and needs a floating-point base weight"
+            )
         plan.append((name, layer, a_param, b_param, module_init))
     covered = {id(layer) for _, layer, *_ in plan}
     uncovered = [full for full, layer in layers.items() if id(layer) not in covered]
@@ -63,16 +113,11 @@ def apply_to_peft_model(init: "LoraInit", peft_model: nn.Module, adapter_name: s
         )
     with torch.no_grad():
         for name, layer, a_param, b_param, module_init in plan:
-            a_param.copy_(module_init.lora_A.to(device=a_param.device, dtype=a_param.dtype))
-            b_param.copy_(module_init.lora_B.to(device=b_param.device, dtype=b_param.dtype))
-            if init.config.preserve_output:
-                base = layer.get_base_layer().weight
-                scaling = float(layer.scaling[adapter_name])
-                # The adapted layer will add s·B·A computed from the stored (cast) factors.
-                delta = scaling * (b_param.to(torch.float32) @ a_param.to(torch.float32))
-                if getattr(layer, "fan_in_fan_out", False):  # GPT-2 Conv1D stores W as d_in x d_out
-                    delta = delta.T
-                base.copy_((base.to(torch.float32) - delta.to(base.device)).to(base.dtype))
+            lora_A, lora_B = factors_for_scaling(init, name, float(layer.scaling[adapter_name]))
+            a_param.copy_(lora_A.to(device=a_param.device, dtype=a_param.dtype))
+            b_param.copy_(lora_B.to(device=b_param.device, dtype=b_param.dtype))
+            if init.modifies_base_weight:
+                _offset_base_weight(name, layer, adapter_name)
 
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -88,13 +133,6 @@ def save_adapter(
     base_model_name_or_path: Optional[str] = None,
 ) -> None:
     """Write a PEFT adapter directory (see :meth:`LoraInit.save_pretrained`)."""
-    if init.config.preserve_output:
-        raise ValueError(
-            "this LoraInit was made with preserve_output=True: its init is no change at all on the "
-            "unmodified base, so there is no adapter to save before training. After training, save with "
-            "lora_da.peft_glue.save_as_plain_lora(peft_model, init, dir), which writes a plain "
-            "rank-2r LoRA adapter for the unmodified base"
-        )
     try:
         from peft import LoraConfig
     except ImportError as error:  # pragma: no cover
@@ -102,7 +140,8 @@ def save_adapter(
     from safetensors.torch import save_file
 
     config_kwargs = dict(
-        r=init.config.rank,
+        r=init.max_rank,
+        rank_pattern=rank_pattern(init),
         target_modules=sorted(init.modules),
         use_rslora=use_rslora,
         base_model_name_or_path=base_model_name_or_path,
@@ -113,8 +152,10 @@ def save_adapter(
     config = LoraConfig(**config_kwargs)
     tensors = {}
     for name, module_init in init.modules.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = module_init.lora_A.detach().to("cpu").contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = module_init.lora_B.detach().to("cpu").contiguous()
+        scaling = peft_scaling(config.lora_alpha, module_init.rank, use_rslora)
+        lora_A, lora_B = factors_for_scaling(init, name, scaling)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.detach().to("cpu").contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.detach().to("cpu").contiguous()
     os.makedirs(save_directory, exist_ok=True)
     config.save_pretrained(save_directory)
     save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
@@ -128,6 +169,30 @@ def _require_peft():
     except ImportError as error:  # pragma: no cover
         raise ImportError("this needs peft: pip install 'lora-da[hf]'") from error
     return peft
+
+
+def load_init_adapter(base_model: nn.Module, save_directory: str, *, adapter_name: str = "default", **kwargs):
+    """Load a directory written by :meth:`LoraInit.save_pretrained` onto the
+    unmodified ``base_model``, ready to train.
+
+    ``PeftModel.from_pretrained(base_model, save_directory, is_trainable=True, **kwargs)``;
+    when the init changes the base weight (``lora_da_init.json`` says
+    ``"base_weight": "offset: ..."``: pissa, milora, lora-ga, ``preserve_output``)
+    every target base weight then becomes ``W − s·B·A`` from the loaded factors, so
+    the model is exactly the one :meth:`LoraInit.apply` gives. ``base_model`` is
+    modified in place.
+    """
+    peft = _require_peft()
+    kwargs.setdefault("is_trainable", True)
+    peft_model = peft.PeftModel.from_pretrained(base_model, save_directory, adapter_name=adapter_name, **kwargs)
+    report_path = os.path.join(save_directory, "lora_da_init.json")
+    with open(report_path) as f:
+        report = json.load(f)
+    if str(report.get("base_weight", "unchanged")).startswith("offset"):
+        layers = _lora_layers(peft_model, adapter_name)
+        for name in report["modules"]:
+            _offset_base_weight(name, _find_layer(layers, name), adapter_name)
+    return peft_model
 
 
 def get_peft_model_with_init(
@@ -153,12 +218,14 @@ def get_peft_model_with_init(
     right on the modified base.)
     """
     peft = _require_peft()
-    for key in ("r", "target_modules"):
+    for key in ("r", "target_modules", "rank_pattern"):
         if key in lora_config_kwargs:
             raise ValueError(f"'{key}' comes from the LoraInit; do not pass it")
     if lora_alpha is not None:
         lora_config_kwargs["lora_alpha"] = lora_alpha
-    config = peft.LoraConfig(r=init.config.rank, target_modules=sorted(init.modules), **lora_config_kwargs)
+    config = peft.LoraConfig(
+        r=init.max_rank, rank_pattern=rank_pattern(init), target_modules=sorted(init.modules), **lora_config_kwargs
+    )
     peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
     init.apply(peft_model, adapter_name=adapter_name)
     return peft_model
@@ -175,12 +242,13 @@ def plain_lora_state(
     """
     layers = _lora_layers(peft_model, adapter_name)
     tensors = {}
-    for name, module_init in init.modules.items():
+    for name in init.modules:
         layer = _find_layer(layers, name)
         a_param = layer.lora_A[adapter_name].weight.detach()
         b_param = layer.lora_B[adapter_name].weight.detach()
-        a0 = module_init.lora_A.to(dtype=a_param.dtype).to("cpu", torch.float32)
-        b0 = module_init.lora_B.to(dtype=b_param.dtype).to("cpu", torch.float32)
+        init_A, init_B = factors_for_scaling(init, name, float(layer.scaling[adapter_name]))
+        a0 = init_A.to(dtype=a_param.dtype).to("cpu", torch.float32)
+        b0 = init_B.to(dtype=b_param.dtype).to("cpu", torch.float32)
         a_cat = torch.cat([a_param.to("cpu", torch.float32), a0], dim=0)
         b_cat = torch.cat([b_param.to("cpu", torch.float32), -b0], dim=1)
         tensors[f"base_model.model.{name}.lora_A.weight"] = a_cat.to(a_param.dtype).contiguous()
@@ -210,9 +278,10 @@ def save_as_plain_lora(
     peft = _require_peft()
     from safetensors.torch import save_file
 
-    if not init.config.preserve_output:
+    if not init.modifies_base_weight:
         raise ValueError(
-            "this LoraInit has preserve_output=False: the base weights were not modified, "
+            "this LoraInit does not change the base weight (preserve_output=False, method "
+            f"{init.method!r}): the base weights were not modified, "
             "save the PEFT model with peft_model.save_pretrained(dir) as usual"
         )
     source = peft_model.peft_config[adapter_name]

@@ -15,7 +15,14 @@ from .peft_glue import apply_to_peft_model, save_adapter
 
 @dataclass
 class ModuleInit:
-    """LoRA-DA's initialization of one target module."""
+    """The initialization of one target module.
+
+    For ``method="lora-da"`` the fields are as commented. For the other methods
+    (:mod:`lora_da.methods`) ``eigenvalues`` holds the singular values of the
+    matrix the method decomposes (W, G, ΔW or the Fisher-whitened gradient; empty
+    for ``lora``), ``sigma`` its largest one, ``variance_scale`` is 0, and the
+    rank ``lora_A.shape[0]`` may differ between modules (``cntlora``).
+    """
 
     name: str
     lora_A: torch.Tensor  # r x d_in, float32
@@ -28,6 +35,11 @@ class ModuleInit:
     # Smallest eigenvalues of Ω beyond the r above, when they were computed
     # (see LoraInit.truncate); None otherwise. Ascending, starts with `eigenvalues`.
     spectrum: Optional[torch.Tensor] = None
+
+    @property
+    def rank(self) -> int:
+        """This module's LoRA rank."""
+        return int(self.lora_A.shape[0])
 
 
 @dataclass
@@ -63,6 +75,38 @@ class LoraInit:
     statistics_bytes: int = 0
 
     @property
+    def method(self) -> str:
+        """Which initialization this is (``config.method``)."""
+        return self.config.method
+
+    @property
+    def modifies_base_weight(self) -> bool:
+        """True when :meth:`apply` replaces the base weight ``W`` by ``W − s·lora_B·lora_A``
+        (``preserve_output=True``, or a method that does so: pissa, milora, lora-ga)."""
+        from .methods import BASE_OFFSET_METHODS
+
+        return bool(self.config.preserve_output) or self.method in BASE_OFFSET_METHODS
+
+    @property
+    def unit_scaling_factors(self) -> bool:
+        """True when the stored factors are those for a scaling ``s = 1`` (pissa, milora,
+        cntlora): :meth:`apply` and :meth:`save_pretrained` divide both by ``√s``, so
+        that ``s·B·A`` is the method's matrix whatever ``lora_alpha``."""
+        from .methods import UNIT_SCALING_METHODS
+
+        return self.method in UNIT_SCALING_METHODS
+
+    @property
+    def ranks(self) -> Dict[str, int]:
+        """Each module's rank (they differ between modules for ``cntlora``)."""
+        return {name: m.rank for name, m in self.modules.items()}
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank of any module (PEFT's ``r``; the others go to ``rank_pattern``)."""
+        return max(self.ranks.values())
+
+    @property
     def input_groups(self) -> List[Tuple[str, ...]]:
         """Groups of modules found to share one input tensor (and one Z)."""
         seen: Dict[Tuple[str, ...], None] = {}
@@ -80,6 +124,8 @@ class LoraInit:
         with the dense solver, to solver tolerance with an iterative one) plus
         the ``k`` next eigenvalues, which show the gap at ``r``.
         """
+        if self.method != "lora-da":
+            raise ValueError(f"truncate is defined for method='lora-da' only, not {self.method!r}")
         if not 1 <= rank <= self.config.rank:
             raise ValueError(f"rank must lie in [1, {self.config.rank}], got {rank}")
         modules = {}
@@ -99,10 +145,14 @@ class LoraInit:
 
         Each module of this init must match exactly one LoRA layer holding
         ``adapter_name`` (by name suffix), with ``lora_A``/``lora_B`` of the
-        same shapes. The LoRA parameters keep their dtype and device. With
-        ``preserve_output=True`` the base weight ``W`` becomes
-        ``W − s·lora_B·lora_A`` (``s`` the layer's scaling), so that the model's
-        output is unchanged at init; call ``apply`` once per fresh PEFT model.
+        same shapes (per-module ranks: PEFT's ``rank_pattern``). The LoRA
+        parameters keep their dtype and device. When :attr:`unit_scaling_factors`
+        both factors are divided by ``√s`` (``s`` the layer's scaling). When
+        :attr:`modifies_base_weight` (``preserve_output=True``, pissa, milora,
+        lora-ga) the base weight ``W`` becomes ``W − s·lora_B·lora_A`` computed
+        from the stored factors, so that the model's output is unchanged at init
+        (a base weight that is not floating point is refused by name); call
+        ``apply`` once per fresh PEFT model.
         """
         apply_to_peft_model(self, peft_model, adapter_name)
 
@@ -118,8 +168,16 @@ class LoraInit:
 
         ``lora_alpha`` (PEFT's default when ``None``) and ``use_rslora`` set the
         adapter's scaling ``s``; use the values of your training config. Also
-        writes ``lora_da_init.json`` with :meth:`report`. Not available with
-        ``preserve_output=True`` (the base weights change).
+        writes ``lora_da_init.json`` with :meth:`report`. Per-module ranks are
+        written as PEFT's ``rank_pattern``.
+
+        When :attr:`modifies_base_weight` the directory holds the init's factors
+        (as :meth:`apply` writes them) for the *offset* base ``W − s·B·A``, and
+        ``lora_da_init.json`` says so (``"base_weight": "offset"``): load it with
+        :func:`lora_da.peft_glue.load_init_adapter`, which applies the offset to
+        the unmodified base (``PeftModel.from_pretrained`` alone would not).
+        After training, :func:`lora_da.peft_glue.save_as_plain_lora` writes a
+        plain adapter for the unmodified base.
         """
         save_adapter(
             self,
@@ -132,8 +190,13 @@ class LoraInit:
     def report(self) -> dict:
         """A JSON-serializable summary (no tensors but the eigenvalues)."""
         cfg = self.config
+        from .methods import resolve_method_options
+
         return {
-            "method": "lora-da",
+            "method": cfg.method,
+            "method_options": resolve_method_options(cfg.method, cfg.method_options),
+            "base_weight": "offset: W - s*lora_B*lora_A" if self.modifies_base_weight else "unchanged",
+            "factors_for_unit_scaling": self.unit_scaling_factors,
             "rank": cfg.rank,
             "alpha": cfg.alpha,
             "beta": cfg.beta,
@@ -154,6 +217,7 @@ class LoraInit:
             "input_groups": [list(g) for g in self.input_groups],
             "modules": {
                 name: {
+                    "rank": m.rank,
                     "d_in": int(m.lora_A.shape[1]),
                     "d_out": int(m.lora_B.shape[0]),
                     "sigma": m.sigma,
@@ -168,9 +232,14 @@ class LoraInit:
 
     def summary(self) -> str:
         """A short human-readable table."""
+        ranks = sorted(set(self.ranks.values()))
+        rank_text = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}..{ranks[-1]} per module"
+        title = "LoRA-DA" if self.method == "lora-da" else self.method
         lines = [
-            f"LoRA-DA init: {len(self.modules)} modules, rank {self.config.rank}, "
+            f"{title} init: {len(self.modules)} modules, {rank_text}, "
             f"{self.num_samples} samples, {self.num_tokens} tokens, train_size {self.train_size}",
+            "base weights: "
+            + ("W - s*lora_B*lora_A at apply() (output unchanged at init)" if self.modifies_base_weight else "unchanged"),
             "phases: "
             + ", ".join(f"{phase} {seconds:.3f}s" for phase, seconds in self.timings.items()),
             "backends: " + ", ".join(f"{phase}={backend}" for phase, backend in self.backends.items()),

@@ -32,7 +32,14 @@ from tqdm.auto import tqdm
 
 from .kernels.dispatch import TORCH_BACKEND, StatisticsBackend, select_backend
 from .checkpoint import StatisticsCheckpoint, statistics_fingerprint
-from .losses import as_causal_lm_batch, causal_lm_per_sample_loss, move_to_device, token_mask_for
+from .losses import (
+    IGNORE_INDEX,
+    as_causal_lm_batch,
+    causal_lm_per_sample_loss,
+    model_inputs,
+    move_to_device,
+    token_mask_for,
+)
 from .model_state import preserved_model_state
 from .targets import linear_dims
 
@@ -55,8 +62,8 @@ class ModuleStatistics:
 
     name: str
     group_index: int
-    grad_sum: torch.Tensor  # d_out x d_in
-    output_factor_diag_sum: torch.Tensor  # d_out
+    grad_sum: Optional[torch.Tensor]  # d_out x d_in (None after a forward-only pass)
+    output_factor_diag_sum: Optional[torch.Tensor]  # d_out (None after a forward-only pass)
 
 
 @dataclass
@@ -76,11 +83,19 @@ class KFACStatistics:
     def nbytes(self) -> int:
         """Bytes held by the sums (Z per input group, G and y per module)."""
         tensors = [g.input_factor_sum for g in self.groups]
-        tensors += [t for m in self.modules.values() for t in (m.grad_sum, m.output_factor_diag_sum)]
+        tensors += [t for m in self.modules.values() for t in (m.grad_sum, m.output_factor_diag_sum) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
+    has_gradients: bool = True  # False after a forward-only pass (only Z)
+
+    def _require_gradients(self, name: str) -> None:
+        if not self.has_gradients or self.modules[name].grad_sum is None:
+            raise ValueError(
+                f"these statistics come from a forward-only pass: module '{name}' has no gradient G or output factor y"
+            )
 
     def gradient(self, name: str) -> torch.Tensor:
         """``G = (1/n) Σ_samples ∇_W ℓ_sample`` (``d_out x d_in``)."""
+        self._require_gradients(name)
         return self.modules[name].grad_sum / self.num_samples
 
     def input_factor(self, name: str) -> torch.Tensor:
@@ -90,6 +105,7 @@ class KFACStatistics:
 
     def output_factor_diag(self, name: str) -> torch.Tensor:
         """``y = (1/|T|) Σ_t g_t ⊙ g_t``, *without* damping."""
+        self._require_gradients(name)
         return self.modules[name].output_factor_diag_sum / self.num_tokens
 
     def check_totals(self) -> None:
@@ -114,6 +130,8 @@ class KFACStatistics:
                     f"(input shared by {list(group.members)})"
                 )
         for stats in self.modules.values():
+            if stats.grad_sum is None:  # forward-only pass
+                continue
             if not torch.isfinite(stats.output_factor_diag_sum).all():
                 raise FloatingPointError(f"output factor y of module '{stats.name}' contains NaN/Inf")
             if not torch.isfinite(stats.grad_sum).all():
@@ -175,12 +193,17 @@ class _LiveInput:
 
 class _Collector:
     def __init__(
-        self, modules: Dict[str, nn.Linear], backend: StatisticsBackend = TORCH_BACKEND, device: Optional[torch.device] = None
+        self,
+        modules: Dict[str, nn.Linear],
+        backend: StatisticsBackend = TORCH_BACKEND,
+        forward_only: bool = False,
+        device: Optional[torch.device] = None,
     ):
         self.modules = modules
         self.backend = backend
         self.clock = _AccumulateClock(device or torch.device("cpu"))
-        self.stats = KFACStatistics(modules={}, groups=[])
+        self.forward_only = forward_only  # only Z: no anchor, no output-gradient hooks
+        self.stats = KFACStatistics(modules={}, groups=[], has_gradients=not forward_only)
         self.group_of: Dict[str, int] = {}
         self._reset_batch()
 
@@ -188,6 +211,7 @@ class _Collector:
     def _reset_batch(self) -> None:
         self.token_weights: Optional[torch.Tensor] = None
         self.anchor: Optional[torch.Tensor] = None
+        self.active = False
         self.live_by_key: Dict[tuple, _LiveInput] = {}
         self.live_by_module: Dict[str, _LiveInput] = {}
         self.gradients_seen: set = set()
@@ -196,7 +220,9 @@ class _Collector:
     def start_batch(self, token_weights: Optional[torch.Tensor], device: torch.device) -> None:
         self._reset_batch()
         self.token_weights = token_weights
-        self.anchor = torch.zeros((), device=device, requires_grad=True)
+        self.active = True
+        if not self.forward_only:
+            self.anchor = torch.zeros((), device=device, requires_grad=True)
 
     def check_batch_finite(self, batch_index: int) -> None:
         """Raise on NaN/Inf that entered the sums in this batch, naming module and batch.
@@ -206,6 +232,7 @@ class _Collector:
         """
         groups, modules = self.stats.groups, list(self.stats.modules.values())
         flags = [torch.isfinite(torch.diagonal(g.input_factor_sum)).all() for g in groups]
+        modules = [m for m in modules if m.output_factor_diag_sum is not None]
         flags += [torch.isfinite(m.output_factor_diag_sum).all() for m in modules]
         flags = torch.stack(flags)
         if bool(flags.all()):
@@ -227,6 +254,7 @@ class _Collector:
             "groups": [(g.members, g.input_factor_sum) for g in st.groups],
             "modules": [(m.name, m.group_index, m.grad_sum, m.output_factor_diag_sum) for m in st.modules.values()],
             "counts": (st.num_samples, st.num_tokens, st.num_batches, st.skipped_batches, st.skipped_samples),
+            "forward_only": self.forward_only,
         }
 
     def restore(self, state: dict) -> None:
@@ -238,6 +266,8 @@ class _Collector:
         }
         self.group_of = {name: index for name, index, _, _ in state["modules"]}
         (st.num_samples, st.num_tokens, st.num_batches, st.skipped_batches, st.skipped_samples) = state["counts"]
+        self.forward_only = bool(state.get("forward_only", False))
+        st.has_gradients = not self.forward_only
 
     def end_batch(self, batch_index: int) -> None:
         for name in self.modules:
@@ -246,7 +276,7 @@ class _Collector:
                     f"target module '{name}' was not called in batch {batch_index}; "
                     "every target module must run once per forward pass"
                 )
-            if name not in self.gradients_seen:
+            if name not in self.gradients_seen and not self.forward_only:
                 raise RuntimeError(
                     f"the loss does not depend on the output of target module '{name}' "
                     f"(no output gradient in batch {batch_index})"
@@ -269,7 +299,7 @@ class _Collector:
         return hook
 
     def _on_forward(self, name, module, args, kwargs, output):
-        if self.anchor is None:  # a forward outside our pass (should not happen)
+        if not self.active:  # a forward outside our pass (should not happen)
             return None
         d_in, d_out = linear_dims(module)
         if name in self.live_by_module:
@@ -320,15 +350,18 @@ class _Collector:
             group = self.stats.groups[live.group_index]
             group.members = group.members + (name,)
             dtype = group.input_factor_sum.dtype
+            with_gradients = not self.forward_only
             self.stats.modules[name] = ModuleStatistics(
                 name=name,
                 group_index=live.group_index,
-                grad_sum=torch.zeros(d_out, d_in, dtype=dtype, device=inputs.device),
-                output_factor_diag_sum=torch.zeros(d_out, dtype=dtype, device=inputs.device),
+                grad_sum=torch.zeros(d_out, d_in, dtype=dtype, device=inputs.device) if with_gradients else None,
+                output_factor_diag_sum=torch.zeros(d_out, dtype=dtype, device=inputs.device) if with_gradients else None,
             )
         live.members.append(name)
-        live.pending += 1
         self.live_by_module[name] = live
+        if self.forward_only:  # Z only; `live` keeps the input alive until the batch ends, so
+            return None  # that its storage is not reused by another input (sharing is detected by address)
+        live.pending += 1
 
         anchored = output + self.anchor.to(output.dtype)
         anchored.register_hook(self._gradient_hook(name, d_out))
@@ -380,6 +413,7 @@ def collect_statistics(
     stats_backend: str = "auto",
     stats_checkpoint: Optional[str] = None,
     checkpoint_every: int = 50,
+    forward_only: bool = False,
 ) -> KFACStatistics:
     """Run one hooked forward+backward per batch of ``loader`` and return the sums.
 
@@ -394,11 +428,21 @@ def collect_statistics(
     ``stats_checkpoint``/``checkpoint_every``: save the sums atomically every K
     batches and resume from them (see :mod:`lora_da.checkpoint`).
     NaN/Inf entering the sums is reported after the batch that brought it.
+
+    ``forward_only=True`` (methods that need only ``Z``, e.g. CNTLoRA): one
+    forward per batch under ``torch.no_grad()``, no backward, no output-gradient
+    hooks; ``G`` and ``y`` are ``None`` and ``stats.has_gradients`` is False. With
+    the default loss the model is called on the batch without computing the
+    loss; a custom ``loss_fn`` is called under ``torch.no_grad()`` only to run the
+    forward (its per-sample losses count the samples). The checkpoint
+    fingerprint does not depend on this flag: a forward-only pass reads a
+    checkpoint of a full pass (and, if it is unfinished, goes on as a full pass
+    so that the file stays complete); a full pass refuses a forward-only one.
     """
     loss_fn = loss_fn or causal_lm_per_sample_loss
     device = model_device(model)
     backend = select_backend(device, stats_backend, _model_dtype(model))
-    collector = _Collector(modules, backend, device)
+    collector = _Collector(modules, backend, forward_only=forward_only, device=device)
     stats = collector.stats
     stats.backend = backend.name
     try:
@@ -414,11 +458,20 @@ def collect_statistics(
         checkpoint = StatisticsCheckpoint(stats_checkpoint, checkpoint_every, fingerprint)
         saved = checkpoint.load(device)
         if saved is not None:
+            saved_forward_only = bool(saved.get("forward_only", False))
+            if saved_forward_only and not forward_only:
+                raise ValueError(
+                    f"statistics checkpoint '{stats_checkpoint}' holds a forward-only pass (Z only, no G or y); "
+                    "this method needs gradients: delete it or pass another stats_checkpoint path"
+                )
+            if forward_only and not saved_forward_only:
+                logger.info("%s holds a full pass: using it (any remaining batches run forward+backward)", stats_checkpoint)
             collector.restore(saved)
+            forward_only = collector.forward_only
             resume_from = stats.num_batches
             logger.info("resuming the statistics pass after batch %d from %s", resume_from, stats_checkpoint)
 
-    with preserved_model_state(model) as handles, torch.enable_grad():
+    with preserved_model_state(model) as handles, torch.set_grad_enabled(not forward_only):
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -448,6 +501,17 @@ def collect_statistics(
                         _maybe_checkpoint(checkpoint, collector)
                         continue
                 collector.start_batch(weights, device)
+                if forward_only:
+                    samples, skipped = _forward_only_batch(model, batch, loss_fn)
+                    if weights is None:
+                        batch_tokens = collector.batch_rows
+                    collector.end_batch(batch_index)
+                    collector.check_batch_finite(batch_index)
+                    stats.num_tokens += batch_tokens
+                    stats.num_samples += samples
+                    stats.skipped_samples += skipped
+                    _maybe_checkpoint(checkpoint, collector)
+                    continue
                 losses = loss_fn(model, batch)
                 if not isinstance(losses, torch.Tensor) or losses.dim() > 1:
                     raise TypeError(
@@ -489,6 +553,24 @@ def collect_statistics(
 def _maybe_checkpoint(checkpoint: Optional[StatisticsCheckpoint], collector: _Collector) -> None:
     if checkpoint is not None and collector.stats.num_batches % checkpoint.every == 0:
         checkpoint.save(collector.state())
+
+
+def _forward_only_batch(model: nn.Module, batch: Any, loss_fn: LossFn) -> Tuple[int, int]:
+    """One forward (grad disabled by the caller); returns (samples counted, samples skipped)."""
+    if loss_fn is causal_lm_per_sample_loss:
+        if not hasattr(batch, "keys") or "labels" not in batch:
+            raise ValueError(
+                "the default causal-LM path needs dict-like batches with 'labels' (-100: no loss), "
+                "or pass loss_fn(model, batch) -> per-sample losses"
+            )
+        model(**model_inputs(batch))
+        labels = batch["labels"]
+        counted = int((labels[:, 1:] != IGNORE_INDEX).any(dim=1).sum().item())
+        return counted, int(labels.shape[0]) - counted
+    losses = loss_fn(model, batch)
+    if not isinstance(losses, torch.Tensor) or losses.dim() > 1:
+        raise TypeError("loss_fn must return a 1-D tensor of per-sample losses")
+    return int(losses.numel()), 0
 
 
 def _batch_size(batch: Any) -> int:
