@@ -131,7 +131,8 @@ PYBIND11_MODULE(_core, m) {
          std::int64_t stride_z, double alpha, const std::vector<double>& variance_scale, const std::string& dtype,
          int k, int guard, bool largest, double tol, int max_iter, std::uint64_t seed, std::uintptr_t eigenvectors,
          const std::string& device, std::uintptr_t stream, std::uintptr_t preconditioner, std::int64_t stride_p,
-         const std::vector<double>& preconditioner_shift) {
+         const std::vector<double>& preconditioner_shift, bool d_column_major, std::uintptr_t initial,
+         int initial_cols, std::int64_t initial_stride) {
         if (int(variance_scale.size()) != batch) throw py::value_error("variance_scale needs one value per problem");
         if (preconditioner != 0 && int(preconditioner_shift.size()) != batch)
           throw py::value_error("preconditioner_shift needs one value per problem");
@@ -141,6 +142,7 @@ PYBIND11_MODULE(_core, m) {
         request.batch = batch;
         request.n = n;
         request.d_transposed = reinterpret_cast<const void*>(d_transposed);
+        request.d_column_major = d_column_major ? 1 : 0;
         request.d_out = d_out;
         request.stride_d = stride_d;
         request.z_upper = reinterpret_cast<const void*>(z_upper);
@@ -151,6 +153,10 @@ PYBIND11_MODULE(_core, m) {
         request.stride_p = stride_p;
         request.preconditioner_shift = preconditioner_shift.empty() ? nullptr : preconditioner_shift.data();
         set_options(request, k, guard, largest, tol, max_iter, seed, stream, eigenvectors);
+        if (initial_cols < 0) throw py::value_error("initial_cols must be >= 0");
+        request.initial = reinterpret_cast<const void*>(initial);
+        request.initial_cols = initial == 0 ? 0 : initial_cols;
+        request.initial_stride = initial_stride;
         return run_request(request, device);
       },
       py::arg("d_transposed"), py::arg("batch"), py::arg("n"), py::arg("d_out"), py::arg("stride_d"),
@@ -158,8 +164,10 @@ PYBIND11_MODULE(_core, m) {
       py::arg("k"), py::arg("guard"), py::arg("largest"), py::arg("tol"), py::arg("max_iter"), py::arg("seed"),
       py::arg("eigenvectors"), py::arg("device"), py::arg("stream"), py::arg("preconditioner") = 0,
       py::arg("stride_p") = 0, py::arg("preconditioner_shift") = std::vector<double>{},
+      py::arg("d_column_major") = false, py::arg("initial") = 0, py::arg("initial_cols") = 0,
+      py::arg("initial_stride") = 0,
       "Batched LOBPCG on Ω v = −α D(Dᵀv) + c Z⁻¹v. Pointers: D as a row-major batch x n x d_out tensor "
-      "(= Dᵀ column-major), the lower Cholesky factor L of Z as a row-major n x n tensor (= Lᵀ column-major); "
+      "(= Dᵀ column-major; with d_column_major, a batch of column-major n x d_out matrices), the lower Cholesky factor L of Z as a row-major n x n tensor (= Lᵀ column-major); "
       "optional preconditioner (I − s M⁻¹)/α from the lower Cholesky factor of M = sI + αZ (same layout as L) "
       "and one shift s per problem.");
 }

@@ -53,6 +53,12 @@ struct LobpcgOptions {
   double tol = -1;  // relative residual tolerance; <= 0 = default for the precision
   int max_iter = 500;
   std::uint64_t seed = 0;
+  // Optional start: the first `initial_cols` columns of the start block (n x initial_cols
+  // per problem, column-major, `initial_stride` elements apart, on the solving device, of
+  // the solver's type); the rest of the block stays random.
+  const void* initial = nullptr;
+  int initial_cols = 0;
+  std::int64_t initial_stride = 0;
 };
 
 struct LobpcgReport {
@@ -374,6 +380,9 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
     }
     backend.from_host(scratch.get(), start.data(), start.size());
     backend.copy_block(n, m, scratch.get(), n, stride_block, w_slot, n, stride_basis, all);
+    if (options.initial != nullptr && options.initial_cols > 0)
+      backend.copy_block(n, std::min(options.initial_cols, m), static_cast<const T*>(options.initial), n,
+                         options.initial_stride, w_slot, n, stride_basis, all);
     orthonormalize_w();
     op.apply(w_slot, n, stride_basis, aw_slot, n, stride_basis, max_w_count(), sign, active);
     rayleigh_ritz();

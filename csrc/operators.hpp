@@ -32,7 +32,8 @@ class DenseSymmetricOperator final : public Operator<T> {
 //   Ω v = −α D (Dᵀ v) + c Z⁻¹ v,
 // given D (d_in x d_out) and the Cholesky factor of Z, forming neither Ω nor Z⁻¹.
 // Column-major storage as handed over from row-major torch tensors:
-//   d_transposed = Dᵀ (d_out x n, ld d_out);
+//   d_transposed = Dᵀ (d_out x n, ld d_out), or with d_column_major D itself
+//                  (n x d_out, ld n: a column-major torch tensor, no transposing copy);
 //   z_upper      = U with Z = Uᵀ U (n x n, ld n; this is Lᵀ of the lower factor L),
 // so Z⁻¹ v = U⁻¹ (U⁻ᵀ v): two triangular solves.
 template <typename T>
@@ -41,7 +42,7 @@ class LoraDAGuidanceOperator final : public Operator<T> {
   LoraDAGuidanceOperator(Backend<T>& backend, const T* d_transposed, int n, int d_out, std::int64_t stride_d,
                          const T* z_upper, std::int64_t stride_z, double alpha, std::vector<double> variance_scale,
                          int batch_count, const T* shifted_upper = nullptr, std::int64_t stride_p = 0,
-                         std::vector<double> preconditioner_shift = {})
+                         std::vector<double> preconditioner_shift = {}, bool d_column_major = false)
       : backend_(backend),
         d_transposed_(d_transposed),
         n_(n),
@@ -57,7 +58,8 @@ class LoraDAGuidanceOperator final : public Operator<T> {
         shifted_upper_(shifted_upper),
         stride_p_(stride_p),
         shift_(std::move(preconditioner_shift)),
-        scaled_shift_(shift_.size()) {
+        scaled_shift_(shift_.size()),
+        d_column_major_(d_column_major) {
     if (shifted_upper_ != nullptr && int(shift_.size()) != batch_count_)
       throw BackendError("the preconditioner needs one shift per problem");
   }
@@ -67,7 +69,9 @@ class LoraDAGuidanceOperator final : public Operator<T> {
     if (cols <= 0) return;
     ensure_workspace(cols);
     // projection = Dᵀ v   (d_out x cols)
-    backend_.gemm('N', 'N', d_out_, cols, n_, T(1), d_transposed_, d_out_, stride_d_, v, ldv, stride_v, T(0),
+    const char d_op = d_column_major_ ? 'T' : 'N';  // how the stored matrix becomes Dᵀ
+    const int ld_d = d_column_major_ ? n_ : d_out_;
+    backend_.gemm(d_op, 'N', d_out_, cols, n_, T(1), d_transposed_, ld_d, stride_d_, v, ldv, stride_v, T(0),
                   projection_, d_out_, std::int64_t(d_out_) * workspace_cols_, batch);
     // av = sign c Z⁻¹ v = U⁻¹ (U⁻ᵀ (sign c v))
     backend_.copy_block(n_, cols, v, ldv, stride_v, av, ldav, stride_av, batch);
@@ -75,8 +79,9 @@ class LoraDAGuidanceOperator final : public Operator<T> {
     backend_.trsm_left('U', 'T', n_, cols, scaled_.data(), z_upper_, n_, stride_z_, av, ldav, stride_av, batch);
     backend_.trsm_left('U', 'N', n_, cols, ones_.data(), z_upper_, n_, stride_z_, av, ldav, stride_av, batch);
     // av += −α sign D projection
-    backend_.gemm('T', 'N', n_, cols, d_out_, T(-alpha_ * double(sign)), d_transposed_, d_out_, stride_d_, projection_,
-                  d_out_, std::int64_t(d_out_) * workspace_cols_, T(1), av, ldav, stride_av, batch);
+    backend_.gemm(d_column_major_ ? 'N' : 'T', 'N', n_, cols, d_out_, T(-alpha_ * double(sign)), d_transposed_, ld_d,
+                  stride_d_, projection_, d_out_, std::int64_t(d_out_) * workspace_cols_, T(1), av, ldav, stride_av,
+                  batch);
   }
   // P = (βcZ⁻¹ + αI)⁻¹ = Z M⁻¹ = (I − βc M⁻¹)/α with M = βcI + αZ = U_Mᵀ U_M: it
   // undoes the wide spread βcZ⁻¹ gives Ω's spectrum where Z is small, and is ≈ I/α
@@ -121,6 +126,7 @@ class LoraDAGuidanceOperator final : public Operator<T> {
   const T* shifted_upper_;
   std::int64_t stride_p_;
   std::vector<double> shift_, scaled_shift_;
+  bool d_column_major_;
   T* projection_ = nullptr;
   int workspace_cols_ = 0;
 };

@@ -23,6 +23,9 @@ void solve_on_backend(Backend<T>& backend, lora_da_solve_request& request) {
   options.tol = request.tol;
   options.max_iter = request.max_iter;
   options.seed = request.seed;
+  options.initial = request.initial;
+  options.initial_cols = request.initial_cols;
+  options.initial_stride = request.initial_stride;
   LobpcgReport report;
   T* eigenvectors = static_cast<T*>(request.eigenvectors);
   if (request.operator_kind == LORA_DA_OPERATOR_DENSE) {
@@ -39,7 +42,8 @@ void solve_on_backend(Backend<T>& backend, lora_da_solve_request& request) {
     LoraDAGuidanceOperator<T> op(backend, static_cast<const T*>(request.d_transposed), request.n, request.d_out,
                                  request.stride_d, static_cast<const T*>(request.z_upper), request.stride_z,
                                  request.alpha, std::move(scale), request.batch,
-                                 static_cast<const T*>(request.preconditioner), request.stride_p, std::move(shift));
+                                 static_cast<const T*>(request.preconditioner), request.stride_p, std::move(shift),
+                                 request.d_column_major != 0);
     report = lobpcg(backend, op, request.batch, options, eigenvectors);
   } else {
     throw BackendError("unknown operator kind");

@@ -21,7 +21,9 @@ struct lora_da_solve_request {
   int n;
   const void* matrices; /* dense: batch x n x n, `matrix_stride` elements apart */
   int64_t matrix_stride;
-  const void* d_transposed; /* guidance: Dᵀ, d_out x n (ld d_out) per problem */
+  const void* d_transposed; /* guidance: Dᵀ, d_out x n (ld d_out) per problem; with d_column_major,
+                               D itself, n x d_out (ld n) (a column-major torch tensor) */
+  int d_column_major;
   int d_out;
   int64_t stride_d;
   const void* z_upper; /* guidance: U with Z = UᵀU, n x n; stride 0 = shared */
@@ -41,6 +43,11 @@ struct lora_da_solve_request {
   int max_iter;
   double tol;
   uint64_t seed;
+  /* optional start block: initial_cols columns (n x initial_cols column-major per problem,
+   * initial_stride elements apart, solver dtype, on the solving device); NULL = random */
+  const void* initial;
+  int initial_cols;
+  int64_t initial_stride;
   uintptr_t stream; /* CUDA stream handle (0 = legacy default stream) */
   /* outputs: eigenvectors on the device (batch x n x k), the rest on the host */
   void* eigenvectors;

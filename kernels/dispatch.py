@@ -3,7 +3,9 @@
 ``select_backend(device, requested, dtype)`` returns a :class:`StatisticsBackend`
 bundling the two accumulate functions and the end-of-pass finalize step:
 
-* ``"torch"``: the plain-PyTorch reference (``kfac_stats``), any device and dtype.
+* ``"torch"``: plain PyTorch (``kfac_stats``), any device and dtype: Z on its
+  lower triangle (panel ``addmm``s, mirrored at the end of the pass), G and y
+  as in the reference.
 * ``"triton"``: the Triton kernels (``kfac_stats_triton``); CUDA tensors with
   bf16/fp16/fp32 activations, or CPU tensors under ``TRITON_INTERPRET=1``
   (the interpreter: for tests only, it is slow). Anything else raises: an
@@ -40,15 +42,11 @@ class StatisticsBackend:
     finalize_input_factor: Callable[[torch.Tensor], None]
 
 
-def _no_finalize(input_factor_sum: torch.Tensor) -> None:
-    """The reference accumulates the full matrix: nothing to mirror."""
-
-
 TORCH_BACKEND = StatisticsBackend(
     name="torch",
-    accumulate_input_factor=kfac_stats.accumulate_input_factor,
+    accumulate_input_factor=kfac_stats.accumulate_input_factor_lower,
     accumulate_output_statistics=kfac_stats.accumulate_output_statistics,
-    finalize_input_factor=_no_finalize,
+    finalize_input_factor=kfac_stats.mirror_lower_triangle,
 )
 
 

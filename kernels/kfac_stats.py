@@ -13,6 +13,12 @@ The gradient sum is *not* masked: ``Σ_t g_t a_tᵀ`` over every token is the ex
 weight gradient of the loss, including tokens that carry no loss themselves but
 influence others through attention (e.g. prompt tokens with ``token_mask="labels"``).
 Accumulators may be float32 or float64; inputs of lower precision are upcast.
+
+:func:`accumulate_input_factor` is the reference (one full ``addmm``). The CPU
+fast path uses :func:`accumulate_input_factor_lower`, the same sum on the lower
+triangle only (column panels of ``PANEL_WIDTH``: about 40% fewer flops than the
+full product since Z is symmetric), then :func:`mirror_lower_triangle` once
+when the pass ends.
 """
 
 from __future__ import annotations
@@ -29,6 +35,32 @@ def accumulate_input_factor(
     a = inputs.to(input_factor_sum.dtype)
     weighted = a if token_weights is None else a * token_weights.to(a.dtype).unsqueeze(1)
     input_factor_sum.addmm_(weighted.T, a)
+
+
+PANEL_WIDTH = 128  # measured on 2 x86 cores: 128-192 is best for d_in in 576..1536
+
+
+def accumulate_input_factor_lower(
+    input_factor_sum: torch.Tensor, inputs: torch.Tensor, token_weights: Optional[torch.Tensor]
+) -> None:
+    """``input_factor_sum += inputsᵀ diag(token_weights) inputs`` on the lower triangle
+    (the diagonal blocks are full; entries strictly above them are left stale).
+
+    Column panel ``[s, s+w)`` of rows ``s..d``: ``Z[s:, s:s+w] += (m·a[:, s:])ᵀ a[:, s:s+w]``,
+    an ``addmm`` into a strided view (no copy). Call :func:`mirror_lower_triangle`
+    once after the last accumulation.
+    """
+    a = inputs.to(input_factor_sum.dtype)
+    weighted = a if token_weights is None else a * token_weights.to(a.dtype).unsqueeze(1)
+    d_in = a.shape[1]
+    for start in range(0, d_in, PANEL_WIDTH):
+        end = min(start + PANEL_WIDTH, d_in)
+        input_factor_sum[start:, start:end].addmm_(weighted[:, start:].T, a[:, start:end])
+
+
+def mirror_lower_triangle(input_factor_sum: torch.Tensor) -> None:
+    """Copy the strictly-lower triangle onto the upper one, in place (end of pass)."""
+    input_factor_sum.copy_(input_factor_sum.tril() + input_factor_sum.tril(-1).T)
 
 
 def accumulate_output_statistics(

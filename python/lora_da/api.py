@@ -287,6 +287,7 @@ def solve_modules(
             {group: stats.input_factor(name) for group, name in first_member.items()}, first_member, config.damping
         )
     input_factors: Dict[str, InputFactor] = {name: by_group[stats.modules[name].group_index] for name in names}
+    start_blocks: Dict[str, torch.Tensor] = {}  # LOBPCG starts near Δ̂'s top left singular subspace
     if config.solver == "eigh":
         prepared: Dict[str, PreparedModule] = {
             name: prepare_module(
@@ -309,6 +310,7 @@ def solve_modules(
             train_size=train_size,
             gradient_scale=1.0 / stats.num_samples,  # G = grad_sum / n, applied in float64
             seed=config.seed,
+            start_blocks=start_blocks,
         )
 
     def module_init(name: str, eigenvalues: torch.Tensor, vectors: torch.Tensor) -> ModuleInit:
@@ -348,25 +350,30 @@ def solve_modules(
             members = [m for m in names if stats.modules[m].group_index == group]
             scales = torch.tensor([config.beta * prepared[m].variance_scale for m in members], dtype=torch.float64)
             group_scales[group] = float(scales.clamp(min=1e-300).log().mean().exp()) if config.beta > 0 else 0.0
-        preconditioners = batched.guidance_preconditioners(by_group, group_scales, config.alpha)
+        preconditioners = batched.guidance_preconditioners(by_group, group_scales, config.alpha, overwrite_matrices=True)
 
-    shapes: Dict[Tuple[int, int], List[str]] = {}
+    # One solver call per shape and module kind ("layers.*.q_proj"): the kind's Δ̂, Cholesky
+    # factors and preconditioners then sit equally spaced in the batched tensors made above,
+    # and reach the solver as strided views, not as fresh copies (batched.stack_views).
+    shapes: Dict[Tuple[Tuple[int, int], str], List[str]] = {}
     for name in names:
-        shapes.setdefault(tuple(prepared[name].delta_hat.shape), []).append(name)
+        shapes.setdefault((tuple(prepared[name].delta_hat.shape), batched.module_kind(name)), []).append(name)
     backends = set()
     redone: List[str] = []
     for same_shape in shapes.values():
         groups = [stats.modules[name].group_index for name in same_shape]
         operator = LoraDAOperator(
-            delta=torch.stack([prepared[name].delta_hat for name in same_shape]),
-            cholesky=torch.stack([input_factors[name].cholesky for name in same_shape]),
+            delta=batched.stack_views([prepared[name].delta_hat for name in same_shape]),
+            cholesky=batched.stack_views([input_factors[name].cholesky for name in same_shape]),
             alpha=config.alpha,
             variance_scale=[config.beta * prepared[name].variance_scale for name in same_shape],
-            preconditioner_cholesky=torch.stack([preconditioners[g] for g in groups]) if preconditioners else None,
+            preconditioner_cholesky=batched.stack_views([preconditioners[g] for g in groups]) if preconditioners else None,
             preconditioner_shift=[group_scales[g] for g in groups] if preconditioners else None,
         )
         lap("factor_prep")
-        solution = lobpcg(operator, config.rank, seed=config.seed)
+        starts = [start_blocks.get(name) for name in same_shape]
+        initial = batched.stack_views(starts) if all(s is not None for s in starts) else None
+        solution = lobpcg(operator, config.rank, seed=config.seed, initial=initial)
         failed = failed_eigenpairs(operator, solution).tolist()
         backends.add(solution.backend)
         for index, name in enumerate(same_shape):

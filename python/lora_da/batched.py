@@ -18,7 +18,8 @@ hundreds of small ones:
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -26,7 +27,7 @@ from .method import InputFactor, PreparedModule, prepare_input_factor
 
 SUBSPACE_BLOCK = 8  # block size of the subspace iteration for σ_max
 SUBSPACE_MAX_ITER = 60
-SUBSPACE_TOL = 1e-9  # relative residual of the top Ritz pair of ΔᵀΔ: σ² then has error ≲ tol²·σ²·(σ₁²/gap)
+SUBSPACE_TOL = 1e-5  # float32 iterations: relative residual of the top Ritz pair of ΔᵀΔ (near float32's floor)
 DENSE_BELOW = 64  # smaller matrices: σ from the Gram matrix's eigvalsh
 
 
@@ -38,12 +39,38 @@ def _stack_float64(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def module_kind(name: str) -> str:
+    """The module's name with its indices starred (``layers.3.mlp.up_proj`` → ``layers.*.mlp.up_proj``):
+    modules of one kind in a stack of layers sit equally spaced in per-group batches."""
+    return re.sub(r"\d+", "*", name)
+
+
+def stack_views(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)`` — as a strided view, without copying, when the
+    tensors are equally spaced slices of one storage with one layout (e.g.
+    every third factor of a batched Cholesky). Read-only use: a view may repeat
+    a matrix (spacing 0). Large float64 stacks cost more in fresh memory than in
+    arithmetic on small machines, so the fast path avoids them."""
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    if all(
+        t.shape == first.shape and t.stride() == first.stride() and t.dtype == first.dtype
+        and t.device == first.device and t.untyped_storage().data_ptr() == storage
+        for t in tensors
+    ):
+        offsets = [t.storage_offset() for t in tensors]
+        step = offsets[1] - offsets[0] if len(offsets) > 1 else first.numel()
+        if step >= 0 and all(b - a == step for a, b in zip(offsets, offsets[1:])):
+            return first.as_strided((len(tensors), *first.shape), (step, *first.stride()), first.storage_offset())
+    return torch.stack(tensors)
+
+
 def prepare_input_factors(
     raw: Dict[int, torch.Tensor], names: Dict[int, str], damping: float
 ) -> Dict[int, InputFactor]:
     """``{group: InputFactor}`` from ``{group: Z_raw}`` (``names``: a member per group, for messages).
 
-    Groups of equal ``d_in`` are symmetrized, damped and factored in one batched
+    Groups of equal ``d_in`` are damped and factored in one batched
     float64 Cholesky; the ones that fail are redone one by one with the
     escalation rule of :func:`lora_da.method.prepare_input_factor` (and its warning).
     """
@@ -52,11 +79,17 @@ def prepare_input_factors(
         by_dim.setdefault(matrix.shape[-1], []).append(group)
     factors: Dict[int, InputFactor] = {}
     for groups in by_dim.values():
+        # No symmetrization pass (two full temporaries): the statistics backends return Z
+        # exactly symmetric (mirrored triangles), and the factorization reads one triangle.
         z = _stack_float64([raw[g] for g in groups])
-        z = 0.5 * (z + z.transpose(-1, -2))
         z.diagonal(dim1=-2, dim2=-1).add_(damping)
-        cholesky, info = torch.linalg.cholesky_ex(z)
-        good = (info == 0) & torch.isfinite(cholesky).all(dim=-1).all(dim=-1)
+        # LAPACK's factors come out column-major: the upper factor U = Lᵀ in that layout is
+        # L in row-major layout, so every L below is a contiguous view (what the solver reads)
+        upper, info = torch.linalg.cholesky_ex(z, upper=True)
+        cholesky = upper.mT
+        # a NaN/Inf anywhere in row i of the triangle read reaches L[i, i] = √(z_ii − Σ_k L[i, k]²):
+        # checking L's diagonal suffices
+        good = (info == 0) & torch.isfinite(torch.diagonal(cholesky, dim1=-2, dim2=-1)).all(dim=-1)
         for index, group in enumerate(groups):
             if bool(good[index]):
                 factors[group] = InputFactor(matrix=z[index], cholesky=cholesky[index], damping=damping)
@@ -66,48 +99,82 @@ def prepare_input_factors(
 
 
 def spectral_norms(matrices: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """``σ_max`` of each matrix of ``(B, m, n)`` (float64), by block subspace
-    iteration on ``ΔᵀΔ`` with a Rayleigh–Ritz step and a residual test.
+    """``σ_max`` of each matrix of ``(B, m, n)`` (float64 result); see :func:`spectral_norms_and_directions`."""
+    return spectral_norms_and_directions(matrices, seed)[0]
 
-    Stops when the top Ritz pair ``(θ, u)`` of ``ΔᵀΔ`` has ``‖ΔᵀΔu − θu‖ ≤ tol·θ``
-    (then θ's relative error is about ``tol²·θ/gap``); problems that have not
-    converged after ``SUBSPACE_MAX_ITER`` iterations, and small matrices, use
-    the dense eigenvalues of the Gram matrix instead.
+
+def spectral_norms_and_directions(
+    matrices: torch.Tensor, seed: int = 0
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``σ_max`` of each matrix of ``(B, m, n)`` (float64), and an orthonormal
+    float32 basis ``(B, m, SUBSPACE_BLOCK)`` that approximates the top left
+    singular subspace (``None`` for small matrices): the subspace iteration's
+    last block, a good start for eigensolvers whose answer lies near it.
+
+    Block subspace iteration on ``ΔᵀΔ`` (``ΔΔᵀ`` for wide Δ) in float32 (half the memory traffic of
+    float64; each iteration streams Δ twice), stopped when the top Ritz pair
+    ``(θ, u)`` has ``‖ΔᵀΔu − θu‖ ≤ tol·θ``; then one Rayleigh–Ritz step in
+    float64 on the final basis. The float64 Rayleigh quotient of a basis whose
+    top direction is accurate to ``tol`` has relative error about
+    ``tol²·θ/gap`` (≈1e-10 for tol=1e-5 and a 0.1% gap), far below the float32
+    rounding of the LoRA factors that σ scales. Problems that do not converge
+    in ``SUBSPACE_MAX_ITER`` iterations, and small matrices, use the float64
+    eigenvalues of the Gram matrix instead.
     """
     a = matrices.to(torch.float64)
-    if a.shape[-1] > a.shape[-2]:
-        a = a.transpose(-1, -2)  # (B, m, n) with n <= m: iterate in the smaller space
-    a = a.contiguous()
-    a_t = a.transpose(-1, -2).contiguous()  # both orders, so that every product streams memory in order
-    batch, _, n = a.shape
+    transposed = not a.is_contiguous() and a.mT.is_contiguous()
+    if transposed:
+        a = a.mT  # σ(Δᵀ) = σ(Δ): read a column-major batch in its own order
+    batch, rows, cols = a.shape
+    wide = cols > rows  # iterate in the smaller space: on ΔΔᵀ for wide Δ, on ΔᵀΔ for tall Δ
+    n = min(rows, cols)
     if n <= max(DENSE_BELOW, 4 * SUBSPACE_BLOCK):
-        gram = a.transpose(-1, -2) @ a
-        return torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0).sqrt()
+        gram = a @ a.transpose(-1, -2) if wide else a.transpose(-1, -2) @ a
+        return torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0).sqrt(), None
+
+    def image_of(matrix: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """Δᵀv (wide) or Δv (tall); either way Δ is read in memory order."""
+        return (vectors.transpose(-1, -2) @ matrix).transpose(-1, -2) if wide else matrix @ vectors
+
+    def back_of(matrix: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return matrix @ image if wide else (image.transpose(-1, -2) @ matrix).transpose(-1, -2)
+
+    low = a.to(torch.float32).contiguous()  # one float32 copy
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    basis = torch.randn(batch, n, SUBSPACE_BLOCK, generator=generator, dtype=torch.float64).to(a.device)
+    basis = torch.randn(batch, n, SUBSPACE_BLOCK, generator=generator, dtype=torch.float32).to(a.device)
     basis = torch.linalg.qr(basis).Q
-    values = torch.zeros(batch, dtype=torch.float64, device=a.device)
     done = torch.zeros(batch, dtype=torch.bool, device=a.device)
+    final_basis = basis.clone()
     for _ in range(SUBSPACE_MAX_ITER):
-        image = a @ basis  # (B, m, b)
-        small = image.transpose(-1, -2) @ image  # Rayleigh quotient of ΔᵀΔ on the basis
+        image = image_of(low, basis)
+        small = image.transpose(-1, -2) @ image  # Rayleigh quotient of the Gram matrix on the basis
         theta, coefficients = torch.linalg.eigh(small)
         top, top_vector = theta[:, -1], coefficients[:, :, -1:]
-        # residual of the top Ritz pair: ΔᵀΔ u − θ u, u = basis · top_vector
-        u = basis @ top_vector
-        back = a_t @ image  # ΔᵀΔ basis
-        residual = back @ top_vector - top.view(-1, 1, 1) * u
-        converged = residual.norm(dim=(-2, -1)) <= SUBSPACE_TOL * top.abs()
-        values = torch.where(done, values, top)
+        back = back_of(low, image)  # Gram matrix times basis
+        residual = back @ top_vector - top.view(-1, 1, 1) * (basis @ top_vector)
+        converged = (residual.norm(dim=(-2, -1)) <= SUBSPACE_TOL * top.abs()) & ~done
+        final_basis[converged] = basis[converged]
         done = done | converged
         if bool(done.all()):
             break
         basis = torch.linalg.qr(back).Q  # one step of subspace iteration
-    if not bool(done.all()):
-        rest = (~done).nonzero().flatten()
-        gram = a_t[rest] @ a[rest]
+    values = torch.empty(batch, dtype=torch.float64, device=a.device)
+    good = done.nonzero().flatten()
+    if good.numel():  # float64 Rayleigh–Ritz on the converged float32 bases
+        everyone = good.numel() == batch  # the usual case: no indexing copy of Δ
+        basis64 = torch.linalg.qr((final_basis if everyone else final_basis[good]).to(torch.float64)).Q
+        image64 = image_of(a if everyone else a[good], basis64)
+        values[good] = torch.linalg.eigvalsh(image64.transpose(-1, -2) @ image64)[..., -1]
+    rest = (~done).nonzero().flatten()
+    if rest.numel():
+        unconverged = a[rest]
+        gram = unconverged @ unconverged.transpose(-1, -2) if wide else unconverged.transpose(-1, -2) @ unconverged
         values[rest] = torch.linalg.eigvalsh(gram)[..., -1]
-    return values.clamp(min=0).sqrt()
+    # the block in the row space of the original matrices: the iterated space itself
+    # or its image, whichever is the row space of `a` (the column space if transposed)
+    basis_in_row_space = wide != transposed
+    directions = final_basis if basis_in_row_space else torch.linalg.qr(image_of(low, final_basis)).Q
+    return values.clamp(min=0).sqrt(), directions
 
 
 def prepare_modules(
@@ -120,22 +187,29 @@ def prepare_modules(
     train_size: int,
     gradient_scale: float = 1.0,
     seed: int = 0,
+    start_blocks: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Dict[str, PreparedModule]:
     """Steps 1-3 (float64) for every module, batched over modules of one ``(d_in, d_out)``:
     ``Δ = −Z⁻¹ Gᵀ diag(1/(y+λ))``, ``σ = σ_max(Δ)``, ``Δ̂ = Δ/σ``, ``c = Σ 1/(y+λ) / N / σ²``,
-    with ``G = gradient_scale · gradients[name]``."""
-    by_shape: Dict[Tuple[int, int], List[str]] = {}
-    for name in names:
-        by_shape.setdefault(tuple(gradients[name].shape), []).append(name)
+    with ``G = gradient_scale · gradients[name]``. When ``start_blocks`` is given, it
+    receives per module an orthonormal ``(d_in, SUBSPACE_BLOCK)`` float32 block near
+    Δ̂'s top left singular subspace (a by-product of σ's subspace iteration), where
+    LoRA-DA's eigenvectors lie when the bias term dominates: a start for the solver."""
+    by_shape: Dict[Tuple[Tuple[int, int], str], List[str]] = {}
+    for name in names:  # per shape and kind: the kind's Z factors are equally spaced (stack_views)
+        by_shape.setdefault((tuple(gradients[name].shape), module_kind(name)), []).append(name)
     prepared: Dict[str, PreparedModule] = {}
     for same_shape in by_shape.values():
         g_t = _stack_float64([gradients[name].T for name in same_shape])  # (B, d_in, d_out)
-        cholesky = torch.stack([input_factors[name].cholesky for name in same_shape])
+        cholesky = stack_views([input_factors[name].cholesky for name in same_shape])
         inverse_output = 1.0 / (_stack_float64([output_factor_diags[name] for name in same_shape]) + damping)
-        delta = torch.cholesky_solve(g_t, cholesky)
+        delta = torch.cholesky_solve(g_t, cholesky.mT, upper=True)  # Lᵀ is column-major: no transposing copy
         del g_t, cholesky
         delta.mul_(inverse_output.unsqueeze(-2)).mul_(-gradient_scale)
-        sigmas = spectral_norms(delta, seed=seed).tolist()
+        sigma_values, directions = spectral_norms_and_directions(delta, seed=seed)
+        sigmas = sigma_values.tolist()
+        if start_blocks is not None and directions is not None:
+            start_blocks.update({name: directions[index] for index, name in enumerate(same_shape)})
         for index, name in enumerate(same_shape):
             sigma = sigmas[index]
             if not math.isfinite(sigma):
@@ -152,21 +226,36 @@ def prepare_modules(
 
 
 def guidance_preconditioners(
-    input_factors: Dict[int, InputFactor], variance_scales: Dict[int, float], alpha: float
+    input_factors: Dict[int, InputFactor],
+    variance_scales: Dict[int, float],
+    alpha: float,
+    *,
+    overwrite_matrices: bool = False,
 ) -> Dict[int, torch.Tensor]:
     """Per group, the lower Cholesky factor of ``M = βcI + αZ`` (``variance_scales``:
     βc per group; α > 0), batched per ``d_in``: the factored form of the
     preconditioner ``P = (βcZ⁻¹ + αI)⁻¹ = (I − βc M⁻¹)/α`` (see
-    :func:`lora_da.solvers.guidance_preconditioner`; ``n³/3`` flops, ``P`` is never formed)."""
+    :func:`lora_da.solvers.guidance_preconditioner`; ``n³/3`` flops, ``P`` is never formed).
+
+    ``overwrite_matrices=True`` builds M in the storage of the groups' ``Z``
+    (``InputFactor.matrix``, then set to ``None``) instead of a fresh copy: the
+    fast path needs only the Cholesky factors of Z after this step.
+    """
     by_dim: Dict[int, List[int]] = {}
     for group, factor in input_factors.items():
+        if factor.matrix is None:
+            raise ValueError(f"the matrix Z of input group {group} was already overwritten")
         by_dim.setdefault(factor.matrix.shape[-1], []).append(group)
     result: Dict[int, torch.Tensor] = {}
     for groups in by_dim.values():
-        shifted = torch.stack([input_factors[g].matrix for g in groups]).mul_(alpha)  # stack copies
+        matrices = [input_factors[g].matrix for g in groups]
+        shifted = stack_views(matrices) if overwrite_matrices else torch.stack(matrices)
+        shifted.mul_(alpha)
         scale = torch.tensor([variance_scales[g] for g in groups], dtype=torch.float64, device=shifted.device)
         shifted.diagonal(dim1=-2, dim2=-1).add_(scale.view(-1, 1))
-        factor = torch.linalg.cholesky(shifted)
+        factor = torch.linalg.cholesky(shifted, upper=True).mT  # row-major L (see prepare_input_factors)
         for index, group in enumerate(groups):
             result[group] = factor[index]
+            if overwrite_matrices:
+                input_factors[group].matrix = None
     return result

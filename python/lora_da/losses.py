@@ -93,11 +93,13 @@ def causal_lm_per_sample_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     logits = logits_of(model(**model_inputs(batch)))
     if logits.shape[:2] != labels.shape[:2]:
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not match labels of shape {tuple(labels.shape)}")
-    shifted_logits = logits[:, :-1]
-    shifted_logits = shifted_logits.to(torch.promote_types(shifted_logits.dtype, torch.float32))
-    shifted_labels = labels[:, 1:]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    # Shift the labels, not the logits: position t predicts label t+1, the last position
+    # predicts nothing. Slicing the logits instead would copy the (batch x seq x vocab)
+    # tensor, and its gradient, once per batch.
+    shifted_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     token_losses = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        logits.reshape(-1, logits.shape[-1]),
         shifted_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",

@@ -36,7 +36,7 @@ MAX_DAMPING_ESCALATIONS = 8
 class InputFactor:
     """``Z = Z_raw + λ_used I`` of one input group, prepared once for all members."""
 
-    matrix: torch.Tensor  # Z itself (float64, symmetric, damped)
+    matrix: Optional[torch.Tensor]  # Z itself (float64, symmetric, damped); None once the fast path consumed it
     cholesky: torch.Tensor  # lower-triangular L with Z = L Lᵀ (float64)
     damping: float  # λ actually added to the diagonal
     _inverse: Optional[torch.Tensor] = None

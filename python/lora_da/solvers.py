@@ -102,7 +102,8 @@ class LoraDAOperator:
         scale = torch.as_tensor(self.variance_scale, dtype=torch.float64, device=d.device)
         scale = scale.reshape(*scale.shape, 1, 1) if scale.dim() else scale
         bias = d @ (d.transpose(-1, -2) @ v)
-        variance = torch.cholesky_solve(v, self.cholesky.to(torch.float64).expand(*d.shape[:-2], -1, -1))
+        factor = self.cholesky.to(torch.float64).expand(*d.shape[:-2], -1, -1)
+        variance = torch.cholesky_solve(v, factor.mT, upper=True)  # row-major L = column-major Lᵀ: no transposing copy
         return -self.alpha * bias + scale * variance
 
 
@@ -182,6 +183,16 @@ def _solver_dtype(dtype: torch.dtype) -> torch.dtype:
     raise TypeError(f"lobpcg needs a floating-point operator, got {dtype}")
 
 
+def _matrix_batch(matrices: torch.Tensor, n: int) -> Tuple[torch.Tensor, int]:
+    """``(*B, n, n)`` as ``(B, n, n)`` with row-major matrices and its batch stride
+    (in elements) for the compiled core: equally spaced matrices (a strided view
+    such as :func:`lora_da.batched.stack_views` makes) pass without a copy."""
+    flat = matrices.reshape(-1, n, n)
+    if flat.stride()[1:] != (n, 1):
+        flat = flat.contiguous()
+    return flat, (flat.stride(0) if flat.shape[0] > 1 else n * n)
+
+
 def _device_and_stream(tensor: torch.Tensor) -> Tuple[str, int]:
     if tensor.device.type == "cpu":
         return "cpu", 0
@@ -199,6 +210,7 @@ def lobpcg(
     max_iter: int = DEFAULT_MAX_ITER,
     seed: int = 0,
     guard: Optional[int] = None,
+    initial: Optional[torch.Tensor] = None,
 ) -> LobpcgResult:
     """The ``k`` smallest (or largest) eigenpairs of a batch of symmetric
     operators, by the compiled batched blocked LOBPCG (``csrc/lobpcg.hpp``).
@@ -222,6 +234,10 @@ def lobpcg(
         guard: guard vectors beyond k (default ``max(k, 8)``); when
             ``n < 5·(k + guard)`` a dense eigensolver runs instead (there LOBPCG's
             basis nearly fills the space and gains nothing).
+        initial: optional start vectors ``(*B, n, j)`` (:class:`LoraDAOperator` only):
+            the first ``min(j, k + guard)`` columns of the start block, the rest
+            random. Need not be orthonormal, only independent. A good guess saves
+            iterations; the answer is the same up to the tolerance.
     """
     if tol is not None and not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
@@ -239,7 +255,11 @@ def lobpcg(
         n, d_out = delta.shape[-2], delta.shape[-1]
         batch_shape = delta.shape[:-2]
         dtype = _solver_dtype(delta.dtype)
-        d_flat = delta.to(dtype).reshape(-1, n, d_out).contiguous()
+        d_flat = delta.to(dtype).reshape(-1, n, d_out)
+        d_column_major = d_out > 1 and d_flat.stride()[1:] == (1, n)  # e.g. a cholesky_solve result: no copy
+        if not d_column_major and d_flat.stride()[1:] != (d_out, 1):
+            d_flat = d_flat.contiguous()
+        stride_d = d_flat.stride(0) if d_flat.shape[0] > 1 else n * d_out
         batch = d_flat.shape[0]
         cholesky = op.cholesky.to(device=delta.device, dtype=dtype)
         if cholesky.shape[-2:] != (n, n):
@@ -249,19 +269,19 @@ def lobpcg(
         else:
             if cholesky.shape[:-2] != batch_shape:
                 raise ValueError("cholesky factor batch shape must match delta's (or be absent)")
-            cholesky_flat, stride_z = cholesky.reshape(-1, n, n).contiguous(), n * n
+            cholesky_flat, stride_z = _matrix_batch(cholesky, n)
         scale = torch.as_tensor(op.variance_scale, dtype=torch.float64).reshape(-1).cpu()
         if scale.numel() == 1:
             scale = scale.expand(batch)
         if scale.numel() != batch:
             raise ValueError(f"variance_scale needs 1 or {batch} values, got {scale.numel()}")
         device, stream = _device_and_stream(d_flat)
-        preconditioner_ptr, shifts = 0, []
+        preconditioner_ptr, stride_p, shifts = 0, n * n, []
         if op.preconditioner_cholesky is not None:
             if not op.alpha > 0:
                 raise ValueError(f"the preconditioner needs alpha > 0, got {op.alpha}")
             factor = op.preconditioner_cholesky
-            preconditioner = factor.to(device=delta.device, dtype=dtype).reshape(-1, n, n).contiguous()
+            preconditioner, stride_p = _matrix_batch(factor.to(device=delta.device, dtype=dtype), n)
             if preconditioner.shape[0] != batch:
                 raise ValueError(
                     f"preconditioner_cholesky must be (*batch, {n}, {n}) like delta, got {tuple(factor.shape)}"
@@ -277,15 +297,29 @@ def lobpcg(
         k = int(k)
         if not 1 <= k <= n:
             raise ValueError(f"k={k} must lie in [1, {n}]")
+        initial_ptr, initial_cols, start = 0, 0, None
+        if initial is not None:
+            if initial.dim() < 2 or initial.shape[:-2] != batch_shape or initial.shape[-2] != n:
+                raise ValueError(
+                    f"initial must be (*batch, {n}, j) with batch {tuple(batch_shape)}, got {tuple(initial.shape)}"
+                )
+            # (B, j, n) row-major = n x j column-major per problem, as the solver reads it
+            start = initial.to(device=d_flat.device, dtype=dtype).reshape(batch, n, -1).transpose(-1, -2).contiguous()
+            if not bool(torch.isfinite(start).all()):
+                raise FloatingPointError("initial start vectors are not finite")
+            initial_ptr, initial_cols = start.data_ptr(), start.shape[1]
         vectors = torch.empty(batch, k, n, dtype=dtype, device=d_flat.device)
         with torch.cuda.device(d_flat.device) if device == "cuda" else contextlib.nullcontext():
             report = core().lobpcg_guidance(
-                d_flat.data_ptr(), batch, n, d_out, n * d_out, cholesky_flat.data_ptr(), stride_z,
+                d_flat.data_ptr(), batch, n, d_out, stride_d, cholesky_flat.data_ptr(), stride_z,
                 float(op.alpha), [float(v) for v in scale.tolist()], str(dtype).replace("torch.", ""),
                 k, guard_arg, bool(largest), tol_arg, int(max_iter), int(seed), vectors.data_ptr(), device, stream,
-                preconditioner_ptr, n * n, shifts,
+                preconditioner_ptr, stride_p, shifts, d_column_major, initial_ptr, initial_cols,
+                n * initial_cols,
             )
     else:
+        if initial is not None:
+            raise ValueError("initial start vectors are supported for a LoraDAOperator only")
         matrix = matrix_or_operator
         if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
             raise ValueError(f"expected (*batch, n, n) matrices, got shape {tuple(matrix.shape)}")

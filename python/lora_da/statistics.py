@@ -210,6 +210,7 @@ class _Collector:
     # -- per-batch state ------------------------------------------------------------
     def _reset_batch(self) -> None:
         self.token_weights: Optional[torch.Tensor] = None
+        self.expected_rows: Optional[int] = None
         self.anchor: Optional[torch.Tensor] = None
         self.active = False
         self.live_by_key: Dict[tuple, _LiveInput] = {}
@@ -217,9 +218,14 @@ class _Collector:
         self.gradients_seen: set = set()
         self.batch_rows: Optional[int] = None
 
-    def start_batch(self, token_weights: Optional[torch.Tensor], device: torch.device) -> None:
+    def start_batch(
+        self, token_weights: Optional[torch.Tensor], device: torch.device, all_tokens_kept: bool = False
+    ) -> None:
+        """``all_tokens_kept``: the mask keeps every token, so the sums skip the
+        multiplication by the weights (the row count is still checked)."""
         self._reset_batch()
-        self.token_weights = token_weights
+        self.expected_rows = None if token_weights is None else token_weights.numel()
+        self.token_weights = None if all_tokens_kept else token_weights
         self.active = True
         if not self.forward_only:
             self.anchor = torch.zeros((), device=device, requires_grad=True)
@@ -314,10 +320,10 @@ class _Collector:
         if not inputs.is_floating_point():
             raise TypeError(f"module '{name}' got a {inputs.dtype} input; LoRA-DA needs floating-point activations")
         rows = inputs.numel() // d_in
-        if self.token_weights is not None and rows != self.token_weights.numel():
+        if self.expected_rows is not None and rows != self.expected_rows:
             raise ValueError(
                 f"module '{name}' got input of shape {tuple(inputs.shape)} ({rows} tokens) but the "
-                f"token mask has {self.token_weights.numel()} entries; pass token_mask=None or a "
+                f"token mask has {self.expected_rows} entries; pass token_mask=None or a "
                 "callable that matches the module's inputs"
             )
         if self.batch_rows is None:
@@ -494,13 +500,15 @@ def collect_statistics(
                 weights = None
                 if mask is not None:
                     weights = mask.reshape(-1).to(device=device)
-                    batch_tokens = int(weights.sum().item())  # one host sync per batch
+                    # one host sync per batch: the kept tokens, and whether every weight is 1
+                    counts = torch.stack([weights.sum(dtype=torch.float64), (weights != 1).sum(dtype=torch.float64)])
+                    batch_tokens, weights_not_one = (int(v) for v in counts.tolist())
                     if batch_tokens == 0:
                         stats.skipped_batches += 1
                         logger.info("batch %d: the token mask keeps no token; skipped", batch_index)
                         _maybe_checkpoint(checkpoint, collector)
                         continue
-                collector.start_batch(weights, device)
+                collector.start_batch(weights, device, all_tokens_kept=weights is not None and weights_not_one == 0)
                 if forward_only:
                     samples, skipped = _forward_only_batch(model, batch, loss_fn)
                     if weights is None:
