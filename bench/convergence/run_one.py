@@ -82,6 +82,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def lora_da_fingerprint() -> dict:
+    """Where lora_da was imported from and a hash of its Python sources (the library may change during a grid)."""
+    import hashlib
+
+    import lora_da
+
+    folder = os.path.dirname(lora_da.__file__)
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as handle:
+                digest.update(name.encode() + handle.read())
+    return {"path": folder, "sources_sha256": digest.hexdigest()[:16]}
+
+
 def log(*parts) -> None:
     print(time.strftime("%H:%M:%S"), *parts, flush=True)
 
@@ -138,6 +153,7 @@ def cached_init(args, model_dir: str, train_samples, pad_id: int) -> tuple[str, 
                 "computed_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "torch_threads": torch.get_num_threads(),
                 "load_average_at_end": os.getloadavg()[0],
+                "lora_da": lora_da_fingerprint(),
             }
             write_json_atomic(os.path.join(staging, "init_meta.json"), meta)
             os.replace(staging, folder)
@@ -345,7 +361,7 @@ def main(argv=None) -> int:
         "final_heldout_loss": final_loss,
         "exact_match": em,
         "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-                "host_cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()[0],
+                "host_cpus": os.cpu_count(), "lora_da": lora_da_fingerprint(), "load_average_at_end": os.getloadavg()[0],
                 "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")},
     }
     write_json_atomic(out_path, result)
