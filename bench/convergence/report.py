@@ -108,7 +108,7 @@ def verdicts(groups: dict) -> list:
             diff = mean(ours) - mean(theirs)
             word = "equal" if abs(diff) <= margin else ("better" if diff < 0 else "worse")
             lines.append(
-                f"* lr {lr:g}: lora-da is **{word}** than {method}: final loss {mean(ours):.4f} vs {mean(theirs):.4f} "
+                f"* lr {lr:g}: lora-da is **{word}** {'to' if word == 'equal' else 'than'} {method}: final loss {mean(ours):.4f} vs {mean(theirs):.4f} "
                 f"({diff:+.4f}; equal within ±{margin:.4f})"
             )
     return lines
