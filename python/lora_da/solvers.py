@@ -183,14 +183,18 @@ def _solver_dtype(dtype: torch.dtype) -> torch.dtype:
     raise TypeError(f"lobpcg needs a floating-point operator, got {dtype}")
 
 
-def _matrix_batch(matrices: torch.Tensor, n: int) -> Tuple[torch.Tensor, int]:
-    """``(*B, n, n)`` as ``(B, n, n)`` with row-major matrices and its batch stride
-    (in elements) for the compiled core: equally spaced matrices (a strided view
-    such as :func:`lora_da.batched.stack_views` makes) pass without a copy."""
-    flat = matrices.reshape(-1, n, n)
-    if flat.stride()[1:] != (n, 1):
+def _matrix_batch(
+    matrices: torch.Tensor, rows: int, cols: int, column_major_ok: bool = False
+) -> Tuple[torch.Tensor, int, bool]:
+    """``(*B, rows, cols)`` as ``(B, rows, cols)`` for the compiled core: the tensor,
+    its batch stride (in elements) and whether its matrices are column-major.
+    Equally spaced matrices (a strided view such as :func:`lora_da.batched.stack_views`
+    makes) pass without a copy, row-major, or column-major where ``column_major_ok``."""
+    flat = matrices.reshape(-1, rows, cols)
+    column_major = column_major_ok and cols > 1 and flat.stride()[1:] == (1, rows)
+    if not column_major and flat.stride()[1:] != (cols, 1):
         flat = flat.contiguous()
-    return flat, (flat.stride(0) if flat.shape[0] > 1 else n * n)
+    return flat, (flat.stride(0) if flat.shape[0] > 1 else rows * cols), column_major
 
 
 def _device_and_stream(tensor: torch.Tensor) -> Tuple[str, int]:
@@ -255,11 +259,8 @@ def lobpcg(
         n, d_out = delta.shape[-2], delta.shape[-1]
         batch_shape = delta.shape[:-2]
         dtype = _solver_dtype(delta.dtype)
-        d_flat = delta.to(dtype).reshape(-1, n, d_out)
-        d_column_major = d_out > 1 and d_flat.stride()[1:] == (1, n)  # e.g. a cholesky_solve result: no copy
-        if not d_column_major and d_flat.stride()[1:] != (d_out, 1):
-            d_flat = d_flat.contiguous()
-        stride_d = d_flat.stride(0) if d_flat.shape[0] > 1 else n * d_out
+        # a column-major Δ (what cholesky_solve returns) is read as it is
+        d_flat, stride_d, d_column_major = _matrix_batch(delta.to(dtype), n, d_out, column_major_ok=True)
         batch = d_flat.shape[0]
         cholesky = op.cholesky.to(device=delta.device, dtype=dtype)
         if cholesky.shape[-2:] != (n, n):
@@ -269,7 +270,7 @@ def lobpcg(
         else:
             if cholesky.shape[:-2] != batch_shape:
                 raise ValueError("cholesky factor batch shape must match delta's (or be absent)")
-            cholesky_flat, stride_z = _matrix_batch(cholesky, n)
+            cholesky_flat, stride_z, _ = _matrix_batch(cholesky, n, n)
         scale = torch.as_tensor(op.variance_scale, dtype=torch.float64).reshape(-1).cpu()
         if scale.numel() == 1:
             scale = scale.expand(batch)
@@ -281,7 +282,7 @@ def lobpcg(
             if not op.alpha > 0:
                 raise ValueError(f"the preconditioner needs alpha > 0, got {op.alpha}")
             factor = op.preconditioner_cholesky
-            preconditioner, stride_p = _matrix_batch(factor.to(device=delta.device, dtype=dtype), n)
+            preconditioner, stride_p, _ = _matrix_batch(factor.to(device=delta.device, dtype=dtype), n, n)
             if preconditioner.shape[0] != batch:
                 raise ValueError(
                     f"preconditioner_cholesky must be (*batch, {n}, {n}) like delta, got {tuple(factor.shape)}"
