@@ -128,9 +128,14 @@ def spectral_norms_and_directions(
     batch, rows, cols = a.shape
     wide = cols > rows  # iterate in the smaller space: on ΔΔᵀ for wide Δ, on ΔᵀΔ for tall Δ
     n = min(rows, cols)
+
+    def largest_gram_eigenvalue(matrix: torch.Tensor) -> torch.Tensor:
+        """Dense float64 fallback: the top eigenvalue of the (smaller) Gram matrix."""
+        gram = matrix @ matrix.transpose(-1, -2) if wide else matrix.transpose(-1, -2) @ matrix
+        return torch.linalg.eigvalsh(gram)[..., -1]
+
     if n <= max(DENSE_BELOW, 4 * SUBSPACE_BLOCK):
-        gram = a @ a.transpose(-1, -2) if wide else a.transpose(-1, -2) @ a
-        return torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0).sqrt(), None
+        return largest_gram_eigenvalue(a).clamp(min=0).sqrt(), None
 
     def image_of(matrix: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """Δᵀv (wide) or Δv (tall); either way Δ is read in memory order."""
@@ -167,9 +172,7 @@ def spectral_norms_and_directions(
         values[good] = torch.linalg.eigvalsh(image64.transpose(-1, -2) @ image64)[..., -1]
     rest = (~done).nonzero().flatten()
     if rest.numel():
-        unconverged = a[rest]
-        gram = unconverged @ unconverged.transpose(-1, -2) if wide else unconverged.transpose(-1, -2) @ unconverged
-        values[rest] = torch.linalg.eigvalsh(gram)[..., -1]
+        values[rest] = largest_gram_eigenvalue(a[rest])
     # the block in the row space of the original matrices: the iterated space itself
     # or its image, whichever is the row space of `a` (the column space if transposed)
     basis_in_row_space = wide != transposed

@@ -180,10 +180,12 @@ def lora_one_factors(gradient: torch.Tensor, rank: int, stable_gamma: float) -> 
     return root[:, None] * v_r.T, u_r * root[None, :], s[:rank]
 
 
-def _symmetric_power(matrix: torch.Tensor, power: float, floor: float = 0.0) -> torch.Tensor:
-    """``matrix^power`` of a symmetric PSD matrix (eigenvalues clamped at ``floor``), float64."""
+def _symmetric_powers(matrix: torch.Tensor, powers: Tuple[float, ...], floor: float = 0.0) -> Tuple[torch.Tensor, ...]:
+    """``matrix^p`` for each ``p`` of ``powers``, from one eigendecomposition of a symmetric
+    PSD matrix (eigenvalues clamped at ``floor``), float64."""
     evals, evecs = torch.linalg.eigh(0.5 * (matrix + matrix.T))
-    return (evecs * evals.clamp(min=floor).pow(power)[None, :]) @ evecs.T
+    evals = evals.clamp(min=floor)
+    return tuple((evecs * evals.pow(power)[None, :]) @ evecs.T for power in powers)
 
 
 def cntlora_delta(weight: torch.Tensor, input_factor_raw: torch.Tensor, shrinkage: float) -> torch.Tensor:
@@ -205,10 +207,9 @@ def cntlora_delta(weight: torch.Tensor, input_factor_raw: torch.Tensor, shrinkag
     shrunk = (1.0 - shrinkage) * corr + shrinkage * identity  # Ĉ, eigenvalues >= ρ
     z_hat = root[:, None] * shrunk * root[None, :]  # Ẑ = D^{1/2} Ĉ D^{1/2}
     floor = shrinkage * float(d.min()) * 1e-3  # Ẑ's eigenvalues are >= ρ·min(d); guard rounding only
-    z_half = _symmetric_power(z_hat, 0.5, floor)
-    z_inv_half = _symmetric_power(z_hat, -0.5, floor)
+    z_half, z_inv_half = _symmetric_powers(z_hat, (0.5, -0.5), floor)
     # T = Ẑ^{-1/2} (Ẑ^{1/2} D Ẑ^{1/2})^{1/2} Ẑ^{-1/2}: symmetric, T Ẑ T = D
-    middle = _symmetric_power((z_half * d[None, :]) @ z_half, 0.5)
+    (middle,) = _symmetric_powers((z_half * d[None, :]) @ z_half, (0.5,))
     transport = z_inv_half @ middle @ z_inv_half
     return weight.to(torch.float64) @ (transport - identity)
 
