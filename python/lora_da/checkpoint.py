@@ -27,6 +27,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from .layers import linear_dims
+
 FORMAT = "lora-da-statistics/1"
 
 
@@ -47,18 +49,12 @@ def statistics_fingerprint(
             head = parameter.detach().reshape(-1)[:64].to("cpu", torch.float64)
             digest.update(head.numpy().tobytes())
     return {
-        "modules": [(name, *_dims(module)) for name, module in modules.items()],
+        "modules": [(name, *linear_dims(module)) for name, module in modules.items()],
         "model": digest.hexdigest(),
         "token_mask": token_mask if isinstance(token_mask, (str, type(None))) else _callable_name(token_mask),
         "loss_fn": _callable_name(loss_fn),
         "stats_backend": backend_name,
     }
-
-
-def _dims(module: nn.Module):
-    from .targets import linear_dims
-
-    return linear_dims(module)
 
 
 class StatisticsCheckpoint:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
+
+from .methods import resolve_options
 
 TokenMask = Union[str, None, Callable[[object], torch.Tensor]]
 TargetModules = Union[None, str, Sequence[str]]
@@ -16,7 +18,7 @@ TOKEN_MASK_MODES = ("attention", "labels", "all")
 
 @dataclass(frozen=True)
 class LoraDAConfig:
-    """Hyper-parameters of LoRA-DA (defaults as published; symbols as in SPEC.md).
+    """Hyper-parameters of LoRA-DA (defaults as published; symbols as in docs/math.md).
 
     Attributes:
         rank: LoRA rank ``r``.
@@ -61,14 +63,14 @@ class LoraDAConfig:
             do not, the target modules are split layer by layer into several
             passes over the data (the loader must then be re-iterable), each
             solved and freed before the next; ``result.passes`` says how many ran.
-            (LoRA-DA only; the other ``method`` values run one pass.)
         method: which initialization: ``"lora-da"`` (default) or one of the
             other methods of :mod:`lora_da.methods` (``"lora"``, ``"pissa"``,
             ``"milora"``, ``"lora-ga"``, ``"lora-one"``, ``"cntlora"``,
             ``"fisher-subspace"``). ``alpha``, ``beta`` and ``train_size`` are
             LoRA-DA's; ``fisher-subspace`` uses ``gamma`` and ``damping``.
-        method_options: method-specific numbers (``lora_da.methods.METHOD_OPTIONS``
-            lists them with their defaults), e.g. ``{"stable_gamma": 16}`` for lora-ga.
+        method_options: method-specific numbers, the fields of the method's
+            options dataclass (e.g. ``lora_da.methods.lora_ga.LoraGAOptions``),
+            e.g. ``{"stable_gamma": 16}`` for lora-ga; :attr:`options` holds them resolved.
     """
 
     rank: int = 8
@@ -93,10 +95,13 @@ class LoraDAConfig:
     method: str = "lora-da"
     method_options: Optional[Mapping[str, float]] = field(default=None, compare=False)
 
-    def __post_init__(self) -> None:
-        from .methods import resolve_method_options
+    @property
+    def options(self) -> Any:
+        """The method's options dataclass: ``method_options`` merged into its defaults."""
+        return resolve_options(self.method, self.method_options)
 
-        resolve_method_options(self.method, self.method_options)  # ValueError naming the valid methods
+    def __post_init__(self) -> None:
+        resolve_options(self.method, self.method_options)  # ValueError naming the valid methods
         if self.solver not in ("auto", "eigh"):
             raise ValueError(f"solver must be 'auto' or 'eigh', got {self.solver!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:

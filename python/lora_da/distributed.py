@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .result import ModuleInit
+from .layers import linear_dims
+from .module_init import ModuleInit
 from .statistics import InputGroup, KFACStatistics, ModuleStatistics
-from .targets import linear_dims
 
 T = TypeVar("T")
 

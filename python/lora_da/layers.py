@@ -35,8 +35,9 @@ def linear_dims(module: nn.Module) -> Tuple[int, int]:
     return int(module.in_features), int(module.out_features)
 
 
-def weight_matrix(name: str, module: nn.Module) -> torch.Tensor:
-    """``W`` as ``d_out x d_in`` float64 (GPT-2 ``Conv1D`` stores ``Wᵀ``); refuses non-float weights by name."""
+def require_float_weight(name: str, module: nn.Module) -> torch.Tensor:
+    """The module's weight tensor; ``TypeError`` naming the module when it is not floating point
+    (int8/4-bit quantized bases: methods that read ``W`` cannot serve them)."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         dtype = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -45,7 +46,12 @@ def weight_matrix(name: str, module: nn.Module) -> torch.Tensor:
             "(dequantize the base model, or use a method that reads no weight: lora-da, lora-ga, lora-one, "
             "fisher-subspace, lora)"
         )
-    w = weight.detach().to(torch.float64)
+    return weight
+
+
+def weight_matrix(name: str, module: nn.Module) -> torch.Tensor:
+    """``W`` as ``d_out x d_in`` float64 (GPT-2 ``Conv1D`` stores ``Wᵀ``); refuses non-float weights by name."""
+    w = require_float_weight(name, module).detach().to(torch.float64)
     return w.T if is_conv1d(module) else w
 
 

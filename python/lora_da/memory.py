@@ -4,24 +4,23 @@ The statistics of a target module are its gradient ``G`` (``d_out x d_in``),
 its output factor ``y`` (``d_out``) and the input factor ``Z`` (``d_in x d_in``)
 of its input group. Which modules share an input is only known once the model
 has run, so the plan counts one ``Z`` per module: an upper bound (q/k/v and
-gate/up share theirs). Modules are kept together by layer (the part of the name
-up to the first number, e.g. ``model.layers.3``), and consecutive layers are
-packed into a pass while they fit the budget.
+gate/up share theirs). Modules are kept together by layer
+(:func:`lora_da.naming.layer_prefix`, e.g. ``model.layers.3``), and consecutive
+layers are packed into a pass while they fit the budget (docs/math.md §7).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from typing import Dict, List, Union
 
 import torch
 from torch import nn
 
-from .targets import linear_dims
+from .layers import linear_dims
+from .naming import layer_prefix
 
 DEFAULT_FRACTION = 0.5  # of the free memory, when the user gives no budget
-_LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
 
 
 def free_memory(device: torch.device) -> int:
@@ -55,12 +54,6 @@ def module_statistics_bytes(module: nn.Module, element_size: int) -> int:
     return (d_out * d_in + d_out + d_in * d_in) * element_size
 
 
-def layer_of(name: str) -> str:
-    """``model.layers.3.self_attn.q_proj`` → ``model.layers.3``; the name itself when it has no number."""
-    match = _LAYER.match(name)
-    return match.group(1) if match else name
-
-
 def plan_passes(modules: Dict[str, nn.Module], budget: int, element_size: int) -> List[Dict[str, nn.Module]]:
     """Split ``modules`` (in order) into passes whose statistics fit ``budget`` bytes.
 
@@ -69,7 +62,7 @@ def plan_passes(modules: Dict[str, nn.Module], budget: int, element_size: int) -
     """
     layers: Dict[str, Dict[str, nn.Module]] = {}
     for name, module in modules.items():
-        layers.setdefault(layer_of(name), {})[name] = module
+        layers.setdefault(layer_prefix(name), {})[name] = module
 
     passes: List[Dict[str, nn.Module]] = []
     current: Dict[str, nn.Module] = {}
@@ -118,4 +111,4 @@ def is_reiterable(loader: object) -> bool:
         return False
 
 
-__all__ = ["free_memory", "statistics_budget", "plan_passes", "layer_of", "module_statistics_bytes", "is_reiterable"]
+__all__ = ["free_memory", "statistics_budget", "plan_passes", "module_statistics_bytes", "is_reiterable"]

@@ -12,18 +12,10 @@ from typing import TYPE_CHECKING, Dict, Optional
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
+from .layers import peft_lora_layers, stores_transposed_weight
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only: result imports this module
     from .result import LoraInit
-
-
-def _lora_layers(peft_model: nn.Module, adapter_name: str) -> Dict[str, nn.Module]:
-    """Every PEFT LoRA layer holding ``adapter_name``, by module name."""
-    layers = {}
-    for name, module in peft_model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if isinstance(lora_a, nn.ModuleDict) and adapter_name in lora_a:
-            layers[name] = module
-    return layers
 
 
 def _find_layer(layers: Dict[str, nn.Module], name: str) -> nn.Module:
@@ -71,7 +63,7 @@ def _offset_base_weight(name: str, layer: nn.Module, adapter_name: str) -> None:
     scaling = float(layer.scaling[adapter_name])
     # The adapted layer will add s·B·A computed from the stored (cast) factors.
     delta = scaling * (b_param.to(torch.float32) @ a_param.to(torch.float32))
-    if getattr(layer, "fan_in_fan_out", False):  # GPT-2 Conv1D stores W as d_in x d_out
+    if stores_transposed_weight(layer):  # GPT-2 Conv1D stores W as d_in x d_out
         delta = delta.T
     with torch.no_grad():
         base.copy_((base.to(torch.float32) - delta.to(base.device)).to(base.dtype))
@@ -79,7 +71,7 @@ def _offset_base_weight(name: str, layer: nn.Module, adapter_name: str) -> None:
 
 def apply_to_peft_model(init: "LoraInit", peft_model: nn.Module, adapter_name: str = "default") -> None:
     """Copy ``init``'s factors into ``peft_model``'s LoRA layers (see :meth:`LoraInit.apply`)."""
-    layers = _lora_layers(peft_model, adapter_name)
+    layers = peft_lora_layers(peft_model, adapter_name)
     if not layers:
         raise ValueError(f"the model has no PEFT LoRA layer with adapter '{adapter_name}'")
     plan = []
@@ -120,7 +112,6 @@ def apply_to_peft_model(init: "LoraInit", peft_model: nn.Module, adapter_name: s
                 _offset_base_weight(name, layer, adapter_name)
 
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
@@ -189,7 +180,7 @@ def load_init_adapter(base_model: nn.Module, save_directory: str, *, adapter_nam
     with open(report_path) as f:
         report = json.load(f)
     if str(report.get("base_weight", "unchanged")).startswith("offset"):
-        layers = _lora_layers(peft_model, adapter_name)
+        layers = peft_lora_layers(peft_model, adapter_name)
         for name in report["modules"]:
             _offset_base_weight(name, _find_layer(layers, name), adapter_name)
     return peft_model
@@ -240,7 +231,7 @@ def plain_lora_state(
     init's, cast to the adapter's dtype as :meth:`LoraInit.apply` did when it
     subtracted ``s·B₀A₀`` from the base. Keys as in a PEFT adapter file.
     """
-    layers = _lora_layers(peft_model, adapter_name)
+    layers = peft_lora_layers(peft_model, adapter_name)
     tensors = {}
     for name in init.modules:
         layer = _find_layer(layers, name)

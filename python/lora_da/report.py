@@ -24,11 +24,12 @@ import io
 import json
 import logging
 import os
-import re
 from collections import defaultdict
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-if TYPE_CHECKING:  # pragma: no cover
+from .naming import layer_index, module_type
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only: result imports nothing from here
     from .result import LoraInit
 
 logger = logging.getLogger(__name__)
@@ -37,20 +38,10 @@ JSON_NAME = "lora_da_report.json"
 PNG_NAME = "lora_da_report.png"
 HTML_NAME = "lora_da_report.html"
 
-_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def module_type_and_layer(name: str) -> Tuple[str, int]:
-    """``("q_proj", 3)`` for ``model.layers.3.self_attn.q_proj`` (layer -1 when there is no index)."""
-    match = _LAYER.search("." + name + ".")
-    return name.rsplit(".", 1)[-1], int(match.group(1)) if match else -1
-
-
 def _by_type(init: "LoraInit") -> Dict[str, List[Tuple[int, str]]]:
     groups: Dict[str, List[Tuple[int, str]]] = defaultdict(list)
     for name in init.modules:
-        kind, layer = module_type_and_layer(name)
-        groups[kind].append((layer, name))
+        groups[module_type(name)].append((layer_index(name), name))
     return {kind: sorted(members) for kind, members in groups.items()}
 
 

@@ -6,40 +6,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import torch
 from torch import nn
 
 from .config import LoraDAConfig
+from .methods import get_method
+from .module_init import ModuleInit
 from .peft_glue import apply_to_peft_model, save_adapter
 
-
-@dataclass
-class ModuleInit:
-    """The initialization of one target module.
-
-    For ``method="lora-da"`` the fields are as commented. For the other methods
-    (:mod:`lora_da.methods`) ``eigenvalues`` holds the singular values of the
-    matrix the method decomposes (W, G, ΔW or the Fisher-whitened gradient; empty
-    for ``lora``), ``sigma`` its largest one, ``variance_scale`` is 0, and the
-    rank ``lora_A.shape[0]`` may differ between modules (``cntlora``).
-    """
-
-    name: str
-    lora_A: torch.Tensor  # r x d_in, float32
-    lora_B: torch.Tensor  # d_out x r, float32
-    eigenvalues: torch.Tensor  # r smallest eigenvalues of Ω (float64, ascending)
-    sigma: float  # σ_max(Δ)
-    variance_scale: float  # c = Σ 1/(y+λ) / N / σ²
-    damping: float  # λ finally added to Z (see lora_da.method for the escalation rule)
-    input_group: Tuple[str, ...]  # modules sharing this module's input factor Z
-    # Smallest eigenvalues of Ω beyond the r above, when they were computed
-    # (see LoraInit.truncate); None otherwise. Ascending, starts with `eigenvalues`.
-    spectrum: Optional[torch.Tensor] = None
-
-    @property
-    def rank(self) -> int:
-        """This module's LoRA rank."""
-        return int(self.lora_A.shape[0])
+__all__ = ["LoraInit", "ModuleInit"]
 
 
 @dataclass
@@ -83,18 +57,14 @@ class LoraInit:
     def modifies_base_weight(self) -> bool:
         """True when :meth:`apply` replaces the base weight ``W`` by ``W − s·lora_B·lora_A``
         (``preserve_output=True``, or a method that does so: pissa, milora, lora-ga)."""
-        from .methods import BASE_OFFSET_METHODS
-
-        return bool(self.config.preserve_output) or self.method in BASE_OFFSET_METHODS
+        return bool(self.config.preserve_output) or get_method(self.method).offsets_base_weight
 
     @property
     def unit_scaling_factors(self) -> bool:
         """True when the stored factors are those for a scaling ``s = 1`` (pissa, milora,
         cntlora): :meth:`apply` and :meth:`save_pretrained` divide both by ``√s``, so
         that ``s·B·A`` is the method's matrix whatever ``lora_alpha``."""
-        from .methods import UNIT_SCALING_METHODS
-
-        return self.method in UNIT_SCALING_METHODS
+        return get_method(self.method).unit_scaling
 
     @property
     def ranks(self) -> Dict[str, int]:
@@ -190,11 +160,9 @@ class LoraInit:
     def report(self) -> dict:
         """A JSON-serializable summary (no tensors but the eigenvalues)."""
         cfg = self.config
-        from .methods import resolve_method_options
-
         return {
             "method": cfg.method,
-            "method_options": resolve_method_options(cfg.method, cfg.method_options),
+            "method_options": dataclasses.asdict(cfg.options),
             "base_weight": "offset: W - s*lora_B*lora_A" if self.modifies_base_weight else "unchanged",
             "factors_for_unit_scaling": self.unit_scaling_factors,
             "rank": cfg.rank,

@@ -1,6 +1,6 @@
 """One hooked forward+backward per batch accumulates the K-FAC statistics.
 
-For every target module (SPEC.md symbols, before normalization):
+For every target module (docs/math.md §2; sums before normalization):
 
 * ``grad_sum``  = Σ_samples ∇_W ℓ_sample  (→ ``G = grad_sum / n``)
 * ``output_factor_diag_sum`` = Σ_t m_t g_t ⊙ g_t  (→ ``y = ... / |T|``)
@@ -30,8 +30,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .kernels.dispatch import TORCH_BACKEND, StatisticsBackend, select_backend
+# ``kernels/`` sits at the repository's top level (the design keeps the Triton kernels
+# there); CMakeLists.txt installs it into the wheel as the subpackage ``lora_da.kernels``.
 from .checkpoint import StatisticsCheckpoint, statistics_fingerprint
+from .kernels.dispatch import TORCH_BACKEND, StatisticsBackend, select_backend
 from .losses import (
     IGNORE_INDEX,
     as_causal_lm_batch,
@@ -41,7 +43,7 @@ from .losses import (
     token_mask_for,
 )
 from .model_state import preserved_model_state
-from .targets import linear_dims
+from .layers import linear_dims
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ class ModuleStatistics:
 
 @dataclass
 class KFACStatistics:
-    """The statistics pass's result; the accessors apply SPEC.md's normalizations."""
+    """The statistics pass's result; the accessors apply the normalizations of docs/math.md §2."""
 
     modules: Dict[str, ModuleStatistics]
     groups: List[InputGroup]
@@ -399,7 +401,8 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _model_dtype(model: nn.Module) -> Optional[torch.dtype]:
+def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the model's first floating-point parameter (``None`` when it has none)."""
     for parameter in model.parameters():
         if parameter.is_floating_point():
             return parameter.dtype
@@ -447,7 +450,7 @@ def collect_statistics(
     """
     loss_fn = loss_fn or causal_lm_per_sample_loss
     device = model_device(model)
-    backend = select_backend(device, stats_backend, _model_dtype(model))
+    backend = select_backend(device, stats_backend, model_dtype(model))
     collector = _Collector(modules, backend, forward_only=forward_only, device=device)
     stats = collector.stats
     stats.backend = backend.name

@@ -1,54 +1,14 @@
-"""Which modules LoRA-DA initializes."""
+"""Which modules an initialization covers (layer types: :mod:`lora_da.layers`)."""
 
 from __future__ import annotations
 
 import re
-from typing import Dict, Tuple
+from typing import Dict
 
 from torch import nn
 
 from .config import TargetModules
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style ``Conv1D``: ``y = x @ W + b`` with ``W`` of shape ``d_in x d_out``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """``nn.Linear`` (and subclasses such as bitsandbytes' quantized linears) or a GPT-2 ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def linear_dims(module: nn.Module) -> Tuple[int, int]:
-    """``(d_in, d_out)`` of a linear-like module, whatever its weight layout (never reads the weight's values)."""
-    if is_conv1d(module):
-        return int(module.weight.shape[0]), int(module.nf)
-    return int(module.in_features), int(module.out_features)
-
-
-def peft_base_layers(model: nn.Module) -> Dict[str, nn.Module]:
-    """For a model already wrapped by PEFT: ``{name: base layer}`` of its LoRA
-    layers, named without PEFT's ``base_model.model.`` prefix."""
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and hasattr(module, "get_base_layer"):
-            clean = name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
-            layers[clean] = module.get_base_layer()
-    return layers
-
-
-PEFT_PREFIX = "base_model.model."
-
-
-def _output_head(model: nn.Module):
-    getter = getattr(model, "get_output_embeddings", None)
-    if callable(getter):
-        try:
-            return getter()
-        except (NotImplementedError, AttributeError):
-            return None
-    return None
+from .layers import is_linear_like, linear_dims, output_head, peft_base_layers
 
 
 def _matches(name: str, target_modules: TargetModules) -> bool:
@@ -72,7 +32,7 @@ def find_target_modules(model: nn.Module, target_modules: TargetModules, rank: i
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) for t in target_modules):
             raise ValueError(f"target_modules must be None, a regex string or a non-empty list of names, got {target_modules!r}")
-    head = _output_head(model)
+    head = output_head(model)
     peft_layers = peft_base_layers(model)
     if peft_layers:  # a PEFT model: initialize its LoRA layers, hooking their base layers
         candidates = list(peft_layers.items())

@@ -1,4 +1,8 @@
-"""LoRA-DA's per-module math (SPEC.md, steps 1-7), in float64.
+"""LoRA-DA's per-module math in float64 (docs/math.md, steps 1-7): the reference.
+
+The batched fast path (:mod:`lora_da.methods.lora_da_batched`) computes the same
+quantities for many modules at once; ``solver="eigh"`` runs these functions
+module by module, and the tests hold the fast path to them.
 
 Given a module's gradient ``G`` (d_out x d_in), its input factor ``Z`` and its
 diagonal output factor ``y``:
@@ -16,18 +20,20 @@ is tried with ``λ_0 = λ`` and then ``λ_k = max(λ, 1e-12·tr(Z_raw)/d_in)·10
 k = 1, …, 8; the first that succeeds is used (reported per module, with a
 warning when k > 0). The scale-aware floor makes a tiny user λ escalate to
 something a rank-deficient ``Z`` (dead features, fewer tokens than d_in) can
-bear. ``y`` is always damped with the original λ.
+bear. ``y`` is always damped with the original λ (docs/math.md §5.1).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
+
 import torch
 
-from .solvers import fix_column_signs, smallest_eigenpairs
+from ..module_init import ModuleInit, make_module_init
+from ..solvers import fix_column_signs, smallest_eigenpairs
+from ..user_warnings import warn_user
 
 MAX_DAMPING_ESCALATIONS = 8
 
@@ -61,28 +67,16 @@ def prepare_input_factor(input_factor_raw: torch.Tensor, damping: float, name: s
         cholesky, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0 and torch.isfinite(cholesky).all():
             if k > 0:
-                warnings.warn(
+                warn_user(
                     f"input factor Z of module '{name}' is not positive definite with damping {damping:g}; "
                     f"used damping {used:g} instead",
                     RuntimeWarning,
-                    stacklevel=3,
                 )
             return InputFactor(matrix=damped, cholesky=cholesky, damping=used)
     raise FloatingPointError(
         f"input factor Z of module '{name}' is not positive definite even with damping "
         f"{used:g} (is it NaN, or far from symmetric positive semi-definite?)"
     )
-
-
-@dataclass
-class ModuleFactors:
-    """LoRA-DA's answer for one module."""
-
-    lora_A: torch.Tensor  # r x d_in, float32
-    lora_B: torch.Tensor  # d_out x r, float32
-    eigenvalues: torch.Tensor  # r smallest eigenvalues of Ω, float64, ascending
-    sigma: float  # σ_max(Δ)
-    variance_scale: float  # c
 
 
 def natural_gradient_step(
@@ -166,46 +160,34 @@ def subspace_from_eigenpairs(
 
 
 def finish_module(
-    name: str, prepared: PreparedModule, eigenvalues: torch.Tensor, vectors: torch.Tensor, *, gamma: float
-) -> ModuleFactors:
-    """Steps 5-7 from the r smallest eigenpairs of Ω; factors in float32."""
+    name: str,
+    prepared: PreparedModule,
+    eigenvalues: torch.Tensor,
+    vectors: torch.Tensor,
+    *,
+    gamma: float,
+    damping: float,
+    input_group: Tuple[str, ...],
+) -> ModuleInit:
+    """Steps 5-7 from the r smallest eigenpairs of Ω; factors in float32.
+    ``damping``: the λ used for Z (reported); ``input_group``: the modules sharing Z."""
     subspace = subspace_from_eigenpairs(prepared, eigenvalues, vectors)
     scale = 1.0 / math.sqrt(gamma)
-    lora_A = (subspace.input_basis.T * scale).to(torch.float32).contiguous()
-    lora_B = (subspace.output_basis.T * scale).to(torch.float32).contiguous()
-    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
-        raise FloatingPointError(f"LoRA factors of module '{name}' are not finite")
-    return ModuleFactors(
-        lora_A=lora_A,
-        lora_B=lora_B,
-        eigenvalues=subspace.eigenvalues,
-        sigma=subspace.sigma,
+    return make_module_init(
+        name,
+        subspace.input_basis.T * scale,
+        subspace.output_basis.T * scale,
+        subspace.eigenvalues,
+        subspace.sigma,
         variance_scale=subspace.variance_scale,
+        damping=damping,
+        input_group=input_group,
     )
 
 
 def dense_eigenpairs(
     prepared: PreparedModule, input_factor: InputFactor, *, rank: int, alpha: float, beta: float
-):
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Steps 4-5 with the dense oracle: Ω formed explicitly, ``torch.linalg.eigh`` in float64."""
     omega = guidance_matrix(prepared.delta_hat, input_factor.inverse, alpha, beta, prepared.variance_scale)
     return smallest_eigenpairs(omega, rank)
-
-
-def lora_da_subspace(
-    name: str,
-    gradient: torch.Tensor,
-    input_factor: InputFactor,
-    output_factor_diag: torch.Tensor,
-    *,
-    rank: int,
-    alpha: float,
-    beta: float,
-    damping: float,
-    train_size: int,
-) -> ModuleSubspace:
-    """Steps 1-6 for one module, in float64, with the dense eigensolver."""
-    prepared = prepare_module(name, gradient, input_factor, output_factor_diag, damping=damping, train_size=train_size)
-    eigenvalues, vectors = dense_eigenpairs(prepared, input_factor, rank=rank, alpha=alpha, beta=beta)
-    return subspace_from_eigenpairs(prepared, eigenvalues, vectors)
-

@@ -1,6 +1,6 @@
-"""Steps 1-3 of SPEC.md and the preconditioners, batched over same-shape problems.
+"""LoRA-DA's steps 1-3 and the preconditioners (docs/math.md §3, §5.1-§5.3), batched over same-shape problems.
 
-The per-module functions of :mod:`lora_da.method` are the reference; this module
+The per-module functions of :mod:`lora_da.methods.lora_da_reference` are the reference; this module
 computes the same quantities for many modules at once (one float64 stack per
 shape, batched Cholesky / triangular solves / matrix products) so that the
 fast path spends its time in large BLAS/LAPACK calls, not in Python or in
@@ -8,22 +8,25 @@ hundreds of small ones:
 
 * :func:`prepare_input_factors` — ``Z = Z_raw + λI`` and its Cholesky factor per
   input group; a group whose factorization fails falls back to
-  :func:`lora_da.method.prepare_input_factor` (the damping escalation rule).
+  :func:`lora_da.methods.lora_da_reference.prepare_input_factor` (the damping escalation rule).
+* :func:`solve_batches` — the modules grouped by shape and kind: one batch per
+  solver call, used by both the preparation and the solve.
 * :func:`prepare_modules` — ``Δ``, ``σ = σ_max(Δ)``, ``Δ̂`` and ``c`` per module.
-* :func:`spectral_norms` — ``σ_max`` by block subspace iteration, without the
-  Gram matrix's eigendecomposition.
-* :func:`guidance_preconditioners` — ``P = (βcZ⁻¹ + αI)⁻¹`` per input group.
+* :func:`spectral_norms_and_directions` — ``σ_max`` by block subspace iteration
+  (docs/math.md §5.2), without the Gram matrix's eigendecomposition.
+* :func:`guidance_preconditioners` — ``P = (βcZ⁻¹ + αI)⁻¹`` per input group (§5.3).
+* :func:`stack_views` — equally spaced matrices of one storage as a strided view.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .method import InputFactor, PreparedModule, prepare_input_factor
+from ..naming import module_kind
+from .lora_da_reference import InputFactor, PreparedModule, prepare_input_factor
 
 SUBSPACE_BLOCK = 8  # block size of the subspace iteration for σ_max
 SUBSPACE_MAX_ITER = 60
@@ -39,10 +42,15 @@ def _stack_float64(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def module_kind(name: str) -> str:
-    """The module's name with its indices starred (``layers.3.mlp.up_proj`` → ``layers.*.mlp.up_proj``):
-    modules of one kind in a stack of layers sit equally spaced in per-group batches."""
-    return re.sub(r"\d+", "*", name)
+def solve_batches(shapes: Dict[str, Tuple[int, int]]) -> List[List[str]]:
+    """The modules (``{name: (d_out, d_in)}``, in order) grouped by shape and kind
+    (``layers.*.q_proj``, :func:`lora_da.naming.module_kind`): one batch per solver
+    call. A kind's Z factors and preconditioners then sit equally spaced in the
+    per-``d_in`` stacks, so that :func:`stack_views` passes them without copies."""
+    batches: Dict[Tuple[Tuple[int, int], str], List[str]] = {}
+    for name, shape in shapes.items():
+        batches.setdefault((tuple(shape), module_kind(name)), []).append(name)
+    return list(batches.values())
 
 
 def stack_views(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -72,7 +80,7 @@ def prepare_input_factors(
 
     Groups of equal ``d_in`` are damped and factored in one batched
     float64 Cholesky; the ones that fail are redone one by one with the
-    escalation rule of :func:`lora_da.method.prepare_input_factor` (and its warning).
+    escalation rule of :func:`lora_da.methods.lora_da_reference.prepare_input_factor` (and its warning).
     """
     by_dim: Dict[int, List[int]] = {}
     for group, matrix in raw.items():
@@ -96,11 +104,6 @@ def prepare_input_factors(
             else:
                 factors[group] = prepare_input_factor(raw[group], damping, names[group])
     return factors
-
-
-def spectral_norms(matrices: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """``σ_max`` of each matrix of ``(B, m, n)`` (float64 result); see :func:`spectral_norms_and_directions`."""
-    return spectral_norms_and_directions(matrices, seed)[0]
 
 
 def spectral_norms_and_directions(
@@ -181,7 +184,7 @@ def spectral_norms_and_directions(
 
 
 def prepare_modules(
-    names: Sequence[str],
+    batches: Sequence[Sequence[str]],
     gradients: Dict[str, torch.Tensor],
     output_factor_diags: Dict[str, torch.Tensor],
     input_factors: Dict[str, InputFactor],
@@ -192,17 +195,14 @@ def prepare_modules(
     seed: int = 0,
     start_blocks: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Dict[str, PreparedModule]:
-    """Steps 1-3 (float64) for every module, batched over modules of one ``(d_in, d_out)``:
+    """Steps 1-3 (float64) for every module, one batch of :func:`solve_batches` at a time:
     ``Δ = −Z⁻¹ Gᵀ diag(1/(y+λ))``, ``σ = σ_max(Δ)``, ``Δ̂ = Δ/σ``, ``c = Σ 1/(y+λ) / N / σ²``,
     with ``G = gradient_scale · gradients[name]``. When ``start_blocks`` is given, it
     receives per module an orthonormal ``(d_in, SUBSPACE_BLOCK)`` float32 block near
     Δ̂'s top left singular subspace (a by-product of σ's subspace iteration), where
     LoRA-DA's eigenvectors lie when the bias term dominates: a start for the solver."""
-    by_shape: Dict[Tuple[Tuple[int, int], str], List[str]] = {}
-    for name in names:  # per shape and kind: the kind's Z factors are equally spaced (stack_views)
-        by_shape.setdefault((tuple(gradients[name].shape), module_kind(name)), []).append(name)
     prepared: Dict[str, PreparedModule] = {}
-    for same_shape in by_shape.values():
+    for same_shape in batches:
         g_t = _stack_float64([gradients[name].T for name in same_shape])  # (B, d_in, d_out)
         cholesky = stack_views([input_factors[name].cholesky for name in same_shape])
         inverse_output = 1.0 / (_stack_float64([output_factor_diags[name] for name in same_shape]) + damping)
@@ -237,8 +237,8 @@ def guidance_preconditioners(
 ) -> Dict[int, torch.Tensor]:
     """Per group, the lower Cholesky factor of ``M = βcI + αZ`` (``variance_scales``:
     βc per group; α > 0), batched per ``d_in``: the factored form of the
-    preconditioner ``P = (βcZ⁻¹ + αI)⁻¹ = (I − βc M⁻¹)/α`` (see
-    :func:`lora_da.solvers.guidance_preconditioner`; ``n³/3`` flops, ``P`` is never formed).
+    preconditioner ``P = (βcZ⁻¹ + αI)⁻¹ = (I − βc M⁻¹)/α`` (docs/math.md §5.3;
+    ``n³/3`` flops, ``P`` is never formed).
 
     ``overwrite_matrices=True`` builds M in the storage of the groups' ``Z``
     (``InputFactor.matrix``, then set to ``None``) instead of a fresh copy: the
