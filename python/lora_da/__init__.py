@@ -5,10 +5,12 @@
 >>> init.apply(peft_model)            # or init.save_pretrained("adapter/")
 """
 
+from ._native import core
 from .api import initialize, initialize_from_config
 from .config import LoraDAConfig
 from .result import LoraInit, ModuleInit
-from .statistics import KFACStatistics, collect_statistics
+from .statistics import KFACStatistics
+from .statistics_pass import collect_statistics
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,4 @@ __all__ = [
 
 def build_info() -> dict:
     """How the compiled core ``lora_da._core`` was built."""
-    from ._native import core
-
     return dict(core().build_info())

@@ -25,7 +25,8 @@ from .methods import get_method
 from .methods.base import FORWARD_STATISTICS, Method, SolveContext
 from .module_init import ModuleInit
 from .result import LoraInit
-from .statistics import KFACStatistics, collect_statistics, model_device, model_dtype
+from .statistics import KFACStatistics, model_device, model_dtype
+from .statistics_pass import collect_statistics
 from .targets import find_target_modules
 from .user_warnings import warn_user
 

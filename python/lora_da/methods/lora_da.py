@@ -21,7 +21,7 @@ The files: this one (the solves and the registry entry),
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm

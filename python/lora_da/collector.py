@@ -1,0 +1,284 @@
+"""The hooks of the statistics pass: per batch, they feed each target's input and
+output gradient to the statistics backend (docs/math.md §2).
+
+A forward hook on each target module records its input and adds a zero
+"anchor" scalar to its output; a tensor hook on that output receives the output
+gradient ``g`` during ``torch.autograd.grad(loss, anchor)``. All parameters have
+``requires_grad`` switched off for the pass, so no weight gradient is computed
+and no ``param.grad`` is allocated; the anchor makes every target output part
+of the graph even when nothing upstream requires grad. Shared inputs are
+detected from the tensors themselves (same storage, shape, strides, version).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+# ``kernels/`` sits at the repository's top level (the design keeps the Triton kernels
+# there); CMakeLists.txt installs it into the wheel as the subpackage ``lora_da.kernels``.
+from .kernels.dispatch import TORCH_BACKEND, StatisticsBackend
+from .layers import linear_dims
+from .statistics import InputGroup, KFACStatistics, ModuleStatistics
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 models accumulate in fp64; everything else in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
+
+
+class AccumulateClock:
+    """Time spent in the statistics accumulation inside the pass.
+
+    On CPU the work is synchronous: wall time around each call. On CUDA a pair
+    of events per call, read once at the end of the pass (one sync, no host
+    sync inside the pass).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.events: List[tuple] = []
+
+    @contextlib.contextmanager
+    def measure(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            begin = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - begin
+
+    def total(self) -> float:
+        if self.events:
+            torch.cuda.synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000.0
+            self.events.clear()
+        return self.seconds
+
+
+@dataclass
+class _LiveInput:
+    """One input tensor seen in the current batch, until its members' gradients arrive."""
+
+    rows: Optional[torch.Tensor]
+    group_index: int
+    members: List[str] = field(default_factory=list)
+    pending: int = 0
+
+
+class Collector:
+    """The per-batch state of the hooks and the statistics they fill."""
+
+    def __init__(
+        self,
+        modules: Dict[str, nn.Linear],
+        backend: StatisticsBackend = TORCH_BACKEND,
+        forward_only: bool = False,
+        device: Optional[torch.device] = None,
+    ):
+        self.modules = modules
+        self.backend = backend
+        self.clock = AccumulateClock(device or torch.device("cpu"))
+        self.forward_only = forward_only  # only Z: no anchor, no output-gradient hooks
+        self.stats = KFACStatistics(modules={}, groups=[], has_gradients=not forward_only)
+        self.group_of: Dict[str, int] = {}
+        self._reset_batch()
+
+    # -- per-batch state ------------------------------------------------------------
+    def _reset_batch(self) -> None:
+        self.token_weights: Optional[torch.Tensor] = None
+        self.expected_rows: Optional[int] = None
+        self.anchor: Optional[torch.Tensor] = None
+        self.active = False
+        self.live_by_key: Dict[tuple, _LiveInput] = {}
+        self.live_by_module: Dict[str, _LiveInput] = {}
+        self.gradients_seen: set = set()
+        self.batch_rows: Optional[int] = None
+
+    def start_batch(
+        self, token_weights: Optional[torch.Tensor], device: torch.device, all_tokens_kept: bool = False
+    ) -> None:
+        """``all_tokens_kept``: the mask keeps every token, so the sums skip the
+        multiplication by the weights (the row count is still checked)."""
+        self._reset_batch()
+        self.expected_rows = None if token_weights is None else token_weights.numel()
+        self.token_weights = None if all_tokens_kept else token_weights
+        self.active = True
+        if not self.forward_only:
+            self.anchor = torch.zeros((), device=device, requires_grad=True)
+
+    def check_batch_finite(self, batch_index: int) -> None:
+        """Raise on NaN/Inf that entered the sums in this batch, naming module and batch.
+
+        A NaN/Inf input shows on Z's diagonal (Σ m a²), a NaN/Inf output gradient
+        on y (Σ m g²); fp16/bf16 overflow shows as Inf. One host sync per batch.
+        """
+        groups, modules = self.stats.groups, list(self.stats.modules.values())
+        flags = [torch.isfinite(torch.diagonal(g.input_factor_sum)).all() for g in groups]
+        modules = [m for m in modules if m.output_factor_diag_sum is not None]
+        flags += [torch.isfinite(m.output_factor_diag_sum).all() for m in modules]
+        flags = torch.stack(flags)
+        if bool(flags.all()):
+            return
+        first = int((~flags).nonzero()[0])
+        if first < len(groups):
+            members = groups[first].members
+            raise FloatingPointError(
+                f"NaN/Inf in the input of module '{members[0]}' (shared by {list(members)}) in batch {batch_index}"
+            )
+        raise FloatingPointError(
+            f"NaN/Inf in the output gradient of module '{modules[first - len(groups)].name}' in batch {batch_index}"
+        )
+
+    def state(self) -> dict:
+        """The sums and counts, for a checkpoint."""
+        st = self.stats
+        return {
+            "groups": [(g.members, g.input_factor_sum) for g in st.groups],
+            "modules": [(m.name, m.group_index, m.grad_sum, m.output_factor_diag_sum) for m in st.modules.values()],
+            "counts": (st.num_samples, st.num_tokens, st.num_batches, st.skipped_batches, st.skipped_samples),
+            "forward_only": self.forward_only,
+        }
+
+    def restore(self, state: dict) -> None:
+        st = self.stats
+        st.groups = [InputGroup(members=tuple(members), input_factor_sum=z) for members, z in state["groups"]]
+        st.modules = {
+            name: ModuleStatistics(name=name, group_index=index, grad_sum=g, output_factor_diag_sum=y)
+            for name, index, g, y in state["modules"]
+        }
+        self.group_of = {name: index for name, index, _, _ in state["modules"]}
+        (st.num_samples, st.num_tokens, st.num_batches, st.skipped_batches, st.skipped_samples) = state["counts"]
+        self.forward_only = bool(state.get("forward_only", False))
+        st.has_gradients = not self.forward_only
+
+    def end_batch(self, batch_index: int) -> None:
+        for name in self.modules:
+            if name not in self.live_by_module:
+                raise RuntimeError(
+                    f"target module '{name}' was not called in batch {batch_index}; "
+                    "every target module must run once per forward pass"
+                )
+            if name not in self.gradients_seen and not self.forward_only:
+                raise RuntimeError(
+                    f"the loss does not depend on the output of target module '{name}' "
+                    f"(no output gradient in batch {batch_index})"
+                )
+        for live in self.live_by_key.values():
+            members = set(live.members)
+            expected = set(self.stats.groups[live.group_index].members)
+            if members != expected:
+                raise RuntimeError(
+                    f"modules {sorted(members)} shared an input in batch {batch_index}, "
+                    f"but {sorted(expected)} did in the first batch; input sharing must not change between batches"
+                )
+        self._reset_batch()
+
+    # -- hooks ------------------------------------------------------------------------
+    def forward_hook(self, name: str):
+        def hook(module: nn.Linear, args: tuple, kwargs: dict, output: torch.Tensor):
+            return self._on_forward(name, module, args, kwargs, output)
+
+        return hook
+
+    def _on_forward(self, name, module, args, kwargs, output):
+        if not self.active:  # a forward outside our pass (should not happen)
+            return None
+        d_in, d_out = linear_dims(module)
+        if name in self.live_by_module:
+            raise RuntimeError(
+                f"target module '{name}' was called more than once in one forward pass "
+                "(weight sharing or activation checkpointing is not supported)"
+            )
+        inputs = args[0] if args else kwargs.get("input")
+        if not isinstance(inputs, torch.Tensor) or inputs.shape[-1] != d_in:
+            shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise ValueError(f"module '{name}' got input {shape}, expected last dimension {d_in}")
+        if not inputs.is_floating_point():
+            raise TypeError(f"module '{name}' got a {inputs.dtype} input; LoRA-DA needs floating-point activations")
+        rows = inputs.numel() // d_in
+        if self.expected_rows is not None and rows != self.expected_rows:
+            raise ValueError(
+                f"module '{name}' got input of shape {tuple(inputs.shape)} ({rows} tokens) but the "
+                f"token mask has {self.expected_rows} entries; pass token_mask=None or a "
+                "callable that matches the module's inputs"
+            )
+        if self.batch_rows is None:
+            self.batch_rows = rows
+
+        key = _tensor_key(inputs)
+        live = self.live_by_key.get(key)
+        if live is None:
+            group_index = self.group_of.get(name)
+            flat = inputs.detach().reshape(-1, d_in)
+            if group_index is None:  # first batch: a new group starts with this module
+                group_index = len(self.stats.groups)
+                dtype = _accumulator_dtype(inputs.dtype)
+                self.stats.groups.append(
+                    InputGroup(
+                        members=(),
+                        input_factor_sum=torch.zeros(
+                            d_in, d_in, dtype=dtype, device=inputs.device
+                        ),
+                    )
+                )
+            with self.clock.measure():
+                self.backend.accumulate_input_factor(
+                    self.stats.groups[group_index].input_factor_sum, flat, self.token_weights
+                )
+            live = _LiveInput(rows=flat, group_index=group_index)
+            self.live_by_key[key] = live
+        if name not in self.group_of:  # first batch: join the group of this input
+            self.group_of[name] = live.group_index
+            group = self.stats.groups[live.group_index]
+            group.members = group.members + (name,)
+            dtype = group.input_factor_sum.dtype
+            with_gradients = not self.forward_only
+            self.stats.modules[name] = ModuleStatistics(
+                name=name,
+                group_index=live.group_index,
+                grad_sum=torch.zeros(d_out, d_in, dtype=dtype, device=inputs.device) if with_gradients else None,
+                output_factor_diag_sum=torch.zeros(d_out, dtype=dtype, device=inputs.device) if with_gradients else None,
+            )
+        live.members.append(name)
+        self.live_by_module[name] = live
+        if self.forward_only:  # Z only; `live` keeps the input alive until the batch ends, so
+            return None  # that its storage is not reused by another input (sharing is detected by address)
+        live.pending += 1
+
+        anchored = output + self.anchor.to(output.dtype)
+        anchored.register_hook(self._gradient_hook(name, d_out))
+        return anchored
+
+    def _gradient_hook(self, name: str, out_features: int):
+        def hook(grad: torch.Tensor) -> None:
+            live = self.live_by_module[name]
+            stats = self.stats.modules[name]
+            with self.clock.measure():
+                self.backend.accumulate_output_statistics(
+                    stats.output_factor_diag_sum,
+                    stats.grad_sum,
+                    grad.reshape(-1, out_features),
+                    live.rows,
+                    self.token_weights,
+                )
+            self.gradients_seen.add(name)
+            live.pending -= 1
+            if live.pending == 0:
+                live.rows = None  # release the activation as soon as its group is done
+
+        return hook
