@@ -1,5 +1,5 @@
 """The batched preparation of the fast path against the per-module reference of
-``lora_da.method`` and against plain float64 linear algebra.
+``lora_da.methods.lora_da_reference`` and against plain float64 linear algebra.
 
 Everything is float64; the batched and per-module paths differ only in the order
 of operations inside LAPACK/BLAS calls, so they agree to ~1e-12 relative (σ from
@@ -9,8 +9,8 @@ the subspace iteration converges to ~1e-15 of σ here; its test bound is 1e-12).
 import pytest
 import torch
 
-from lora_da import batched
-from lora_da.method import prepare_input_factor, prepare_module
+from lora_da.methods import lora_da_batched as batched
+from lora_da.methods.lora_da_reference import prepare_input_factor, prepare_module
 
 
 def _spd(n, condition, generator):
@@ -27,7 +27,7 @@ def test_spectral_norms_match_svdvals(shape):
     s[1] = s[0] * (1 - 1e-3)
     matrices[0] = u @ torch.diag(s) @ vh
     expected = torch.linalg.svdvals(matrices)[:, 0]
-    got = batched.spectral_norms(matrices)
+    got = batched.spectral_norms_and_directions(matrices)[0]
     # float32 iterations to a residual of SUBSPACE_TOL (1e-5), then a float64 Rayleigh-Ritz step:
     # relative error ≲ tol²/relative gap, ≤ 1e-7 even for the 0.2% gap of matrices[0]
     # (σ only scales B₀, which is stored in float32: eps 6e-8)
@@ -59,7 +59,7 @@ def test_spectral_norms_fall_back_to_the_gram_matrix(monkeypatch):
     for shape in [(150, 90), (90, 150)]:
         matrices = torch.randn(3, *shape, dtype=torch.float64, generator=generator)
         expected = torch.linalg.svdvals(matrices)[:, 0]
-        torch.testing.assert_close(batched.spectral_norms(matrices), expected, rtol=1e-12, atol=0)
+        torch.testing.assert_close(batched.spectral_norms_and_directions(matrices)[0], expected, rtol=1e-12, atol=0)
 
 
 def test_batched_preparation_equals_the_per_module_reference():
@@ -81,12 +81,14 @@ def test_batched_preparation_equals_the_per_module_reference():
         torch.testing.assert_close(factors[group].cholesky, reference[group].cholesky, rtol=1e-10, atol=1e-12)
     assert factors[3].damping > damping
 
-    modules = {f"m{i}": i % 4 for i in range(6)}
+    modules = {f"layers.{i}.m": i % 4 for i in range(6)}
     gradients = {m: torch.randn(d_out, n, dtype=torch.float64, generator=generator) for m in modules}
     output_diags = {m: torch.rand(d_out, dtype=torch.float64, generator=generator) for m in modules}
     scale = 0.25
+    batches = batched.solve_batches({m: tuple(gradients[m].shape) for m in modules})
+    assert batches == [list(modules)]  # one shape, one kind (layers.*.m): one batch
     prepared = batched.prepare_modules(
-        list(modules), gradients, output_diags, {m: factors[g] for m, g in modules.items()},
+        batches, gradients, output_diags, {m: factors[g] for m, g in modules.items()},
         damping=damping, train_size=train_size, gradient_scale=scale,
     )
     for name, group in modules.items():
@@ -104,7 +106,7 @@ def test_zero_gradient_is_reported_by_name():
     factors = batched.prepare_input_factors(z, {0: "a"}, 1e-6)
     with pytest.raises(FloatingPointError, match="module 'dead'"):
         batched.prepare_modules(
-            ["dead"], {"dead": torch.zeros(4, 8)}, {"dead": torch.ones(4)}, {"dead": factors[0]},
+            [["dead"]], {"dead": torch.zeros(4, 8)}, {"dead": torch.ones(4)}, {"dead": factors[0]},
             damping=1e-6, train_size=10,
         )
 

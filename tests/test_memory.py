@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import lora_da
-from lora_da.memory import layer_of, module_statistics_bytes, plan_passes
+from lora_da.memory import module_statistics_bytes, plan_passes
+from lora_da.naming import layer_prefix as layer_of
 from lora_da.models import batches, synthetic_samples, tiny_llama
 from lora_da.targets import find_target_modules
 

@@ -13,6 +13,12 @@ import pytest
 import torch
 
 import lora_da
+from lora_da.methods.lora_da_reference import (
+    dense_eigenpairs,
+    prepare_input_factor,
+    prepare_module,
+    subspace_from_eigenpairs,
+)
 from lora_da.targets import find_target_modules
 
 from helpers import SharedInputMLP, oracle_statistics, principal_angle, regression_batches, regression_loss
@@ -91,19 +97,18 @@ def test_factors_match_oracle(mlp_setup, rank, beta, train_size):
 
 def test_subspace_matches_oracle_in_float64(mlp_setup):
     """The float64 path before the final float32 cast, at 1e-8 relative."""
-    from lora_da.method import lora_da_subspace, prepare_input_factor
-
     model, loader = mlp_setup
     G, Z, y, _, _ = oracle_statistics(model, loader)
     stats = lora_da.collect_statistics(
         model, loader, find_target_modules(model, ["fc1a", "fc2"], rank=2), loss_fn=regression_loss
     )
     for name in ("fc1a", "fc2"):
-        prepared = prepare_input_factor(stats.input_factor(name), 1e-6, name)
-        subspace = lora_da_subspace(
-            name, stats.gradient(name), prepared, stats.output_factor_diag(name),
-            rank=2, alpha=1.0, beta=1.0, damping=1e-6, train_size=4,
+        factor = prepare_input_factor(stats.input_factor(name), 1e-6, name)
+        prepared = prepare_module(
+            name, stats.gradient(name), factor, stats.output_factor_diag(name), damping=1e-6, train_size=4
         )
+        eigenvalues, vectors = dense_eigenpairs(prepared, factor, rank=2, alpha=1.0, beta=1.0)
+        subspace = subspace_from_eigenpairs(prepared, eigenvalues, vectors)
         lora_A, lora_B, _, _ = oracle_factors(
             G[name], Z[name], y[name], rank=2, alpha=1.0, beta=1.0, gamma=1.0, damping=1e-6, train_size=4
         )

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lora_da
-from lora_da.method import prepare_input_factor
+from lora_da.methods.lora_da_reference import prepare_input_factor
 from lora_da.models import batches, synthetic_samples, tiny_llama
 from lora_da.targets import find_target_modules
 
