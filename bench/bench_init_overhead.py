@@ -31,8 +31,8 @@ from typing import Dict, List, Tuple
 import torch
 
 import lora_da
-from lora_da import api
-from lora_da.api import solve_modules
+from lora_da import pipeline
+from lora_da.methods.lora_da import solve_modules
 from lora_da.cli import plain_pass_seconds
 from lora_da.models import batches
 
@@ -99,7 +99,7 @@ class _KeepStatistics:
 
     def __init__(self) -> None:
         self.kept = []
-        self.original = api.collect_statistics
+        self.original = pipeline.collect_statistics
 
     def __enter__(self):
         def spy(*args, **kwargs):
@@ -107,11 +107,11 @@ class _KeepStatistics:
             self.kept.append(stats)
             return stats
 
-        api.collect_statistics = spy
+        pipeline.collect_statistics = spy
         return self
 
     def __exit__(self, *exc):
-        api.collect_statistics = self.original
+        pipeline.collect_statistics = self.original
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
-"""LoRA-DA computed the way the published implementation does it (SPEC.md, "Cost").
+"""LoRA-DA computed the way the published implementation does it.
 
-Written plainly from SPEC.md's description, as the reference point of
-``bench/bench_init_overhead.py``; it is not part of the library:
+Written plainly from that implementation's structure (the math is docs/math.md's,
+steps 1-7), as the reference point of ``bench/bench_init_overhead.py``; it is not
+part of the library:
 
 1. a separate gradient pass with every parameter trainable (``loss.backward()``,
    ``G`` read from ``weight.grad``);

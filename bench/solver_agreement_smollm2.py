@@ -18,7 +18,7 @@ import warnings
 import torch
 
 import lora_da
-from lora_da.api import solve_modules
+from lora_da.methods.lora_da import solve_modules
 from lora_da.config import LoraDAConfig
 from lora_da.demo_assets import gsm_rows, smollm2_dir
 from lora_da.models import batches
