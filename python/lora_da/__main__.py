@@ -1,5 +1,8 @@
+"""``python -m lora_da``: the ``lora-da`` command line."""
+
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
