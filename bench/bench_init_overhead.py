@@ -33,7 +33,7 @@ import torch
 import lora_da
 from lora_da import pipeline
 from lora_da.methods.lora_da import solve_modules
-from lora_da.cli import plain_pass_seconds
+from lora_da.cli.bench import plain_pass_seconds
 from lora_da.models import batches
 
 from published_baseline import eigh_subspace, largest_angle, module_type, published_initialize

@@ -14,31 +14,26 @@ method              needs                      base weight W      factors given 
 ==================  =========================  =================  ====================
 
 Each method's exact criterion is in its file's docstring and in docs/math.md §6.
-A method file defines ``METHOD = Method(...)`` (:class:`lora_da.methods.base.Method`);
-adding a method is that file plus one line in :data:`METHODS` below.
+A method file defines ``METHOD = register(Method(...))`` (:class:`lora_da.methods.base.Method`);
+adding a method is that file plus one import line below.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Mapping, Optional
 
-from . import cntlora, fisher_subspace, lora, lora_da, lora_ga, lora_one, milora, pissa
-from .base import Method
+from .base import METHODS, Method
 
-#: Every method by name, in the order the command line lists them.
-METHODS: Dict[str, Method] = {
-    method.name: method
-    for method in (
-        lora_da.METHOD,
-        lora.METHOD,
-        pissa.METHOD,
-        milora.METHOD,
-        lora_ga.METHOD,
-        lora_one.METHOD,
-        cntlora.METHOD,
-        fisher_subspace.METHOD,
-    )
-}
+# The registry: importing a method's file registers its METHOD, in this order
+# (the order the command line lists them). Adding a method is its file plus one line here.
+from . import lora_da  # noqa: F401
+from . import lora  # noqa: F401
+from . import pissa  # noqa: F401
+from . import milora  # noqa: F401
+from . import lora_ga  # noqa: F401
+from . import lora_one  # noqa: F401
+from . import cntlora  # noqa: F401
+from . import fisher_subspace  # noqa: F401
 
 
 def get_method(name: str) -> Method:
@@ -54,4 +49,4 @@ def resolve_options(name: str, options: Optional[Mapping[str, float]]) -> Any:
     return get_method(name).resolve_options(options)
 
 
-__all__ = ["METHODS", "Method", "get_method", "resolve_options"]
+__all__ = ["METHODS", "Method", "get_method", "resolve_options"]  # and the method modules above

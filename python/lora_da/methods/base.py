@@ -1,8 +1,9 @@
 """What a method is: the contract between one method's file and the shared driver.
 
-A method file under ``lora_da/methods/`` defines ``METHOD = Method(...)``: its
-name, which statistics it needs, what it does to the base weight, its options
-as a frozen dataclass, and a ``solve`` function. The driver
+A method file under ``lora_da/methods/`` defines ``METHOD = register(Method(...))``:
+its name, which statistics it needs, what it does to the base weight, its
+options as a frozen dataclass, and a ``solve`` function; ``methods/__init__.py``
+imports each file once, which registers it in :data:`METHODS`. The driver
 (:mod:`lora_da.pipeline`) finds the targets, plans and runs the statistics
 passes, all-reduces them under ``torch.distributed``, and calls ``solve`` with a
 :class:`SolveContext` once per pass; ``solve`` returns a :class:`Solution`.
@@ -150,3 +151,17 @@ class Method:
                 require_float_weight(name, module)
         if self.check is not None:
             self.check(targets, rank, options)
+
+
+#: Every registered method by name, in registration (import) order.
+METHODS: Dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to :data:`METHODS` (each name once) and return it."""
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    if not (dataclasses.is_dataclass(method.options) and method.options.__dataclass_params__.frozen):
+        raise TypeError(f"method {method.name!r}: options must be a frozen dataclass, got {method.options!r}")
+    METHODS[method.name] = method
+    return method

@@ -16,7 +16,7 @@ import torch
 
 from ..layers import weight_matrix
 from ..module_init import make_module_init
-from .base import FORWARD_STATISTICS, Method, SolveContext, Solution
+from .base import FORWARD_STATISTICS, Method, Solution, SolveContext, register
 from .linalg import signed_pairs, svd, symmetric_powers
 
 
@@ -120,11 +120,13 @@ def solve(context: SolveContext) -> Solution:
     return Solution(result, "cntlora (torch.linalg, float64)")
 
 
-METHOD = Method(
-    name="cntlora",
-    solve=solve,
-    statistics=FORWARD_STATISTICS,
-    options=CntLoraOptions,
-    reads_weight=True,
-    unit_scaling=True,
+METHOD = register(
+    Method(
+        name="cntlora",
+        solve=solve,
+        statistics=FORWARD_STATISTICS,
+        options=CntLoraOptions,
+        reads_weight=True,
+        unit_scaling=True,
+    )
 )

@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 import torch
 
 from ..module_init import make_module_init
-from .base import FULL_STATISTICS, Method, SolveContext, Solution
+from .base import FULL_STATISTICS, Method, Solution, SolveContext, register
 from .linalg import signed_pairs, svd
 from .lora_da_reference import InputFactor, prepare_input_factor
 
@@ -85,4 +85,10 @@ def solve(context: SolveContext) -> Solution:
     return Solution(result, "fisher-subspace (torch.linalg, float64)")
 
 
-METHOD = Method(name="fisher-subspace", solve=solve, statistics=FULL_STATISTICS)
+METHOD = register(
+    Method(
+        name="fisher-subspace",
+        solve=solve,
+        statistics=FULL_STATISTICS,
+    )
+)

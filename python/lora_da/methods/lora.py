@@ -13,7 +13,7 @@ from torch import nn
 
 from ..layers import linear_dims
 from ..module_init import make_module_init
-from .base import NO_STATISTICS, Method, SolveContext, Solution
+from .base import NO_STATISTICS, Method, Solution, SolveContext, register
 
 
 def kaiming_lora_factors(d_in: int, d_out: int, rank: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -34,4 +34,10 @@ def solve(context: SolveContext) -> Solution:
     return Solution(result, "lora (torch.linalg, float64)")
 
 
-METHOD = Method(name="lora", solve=solve, statistics=NO_STATISTICS)
+METHOD = register(
+    Method(
+        name="lora",
+        solve=solve,
+        statistics=NO_STATISTICS,
+    )
+)

@@ -31,7 +31,7 @@ from ..solvers import EIGH_BACKEND, LoraDAOperator, failed_eigenpairs, lobpcg
 from ..statistics import KFACStatistics
 from ..user_warnings import warn_user
 from . import lora_da_batched as batched
-from .base import FULL_STATISTICS, Method, NoOptions, PhaseClock, Settings, SolveContext, Solution
+from .base import FULL_STATISTICS, Method, NoOptions, PhaseClock, Settings, Solution, SolveContext, register
 from .lora_da_reference import (
     InputFactor,
     PreparedModule,
@@ -220,10 +220,12 @@ def solve_modules(
     return modules, backend
 
 
-METHOD = Method(
-    name="lora-da",
-    solve=solve,
-    statistics=FULL_STATISTICS,
-    uses_train_size=True,
-    splits_solves=True,
+METHOD = register(
+    Method(
+        name="lora-da",
+        solve=solve,
+        statistics=FULL_STATISTICS,
+        uses_train_size=True,
+        splits_solves=True,
+    )
 )

@@ -19,7 +19,7 @@ from torch import nn
 from ..layers import linear_dims
 from ..module_init import make_module_init
 from ..solvers import fix_column_signs
-from .base import FULL_STATISTICS, Method, SolveContext, Solution
+from .base import FULL_STATISTICS, Method, Solution, SolveContext, register
 from .linalg import signed_pairs, svd
 
 
@@ -67,11 +67,13 @@ def solve(context: SolveContext) -> Solution:
     return Solution(result, "lora-ga (torch.linalg, float64)")
 
 
-METHOD = Method(
-    name="lora-ga",
-    solve=solve,
-    statistics=FULL_STATISTICS,
-    options=LoraGAOptions,
-    offsets_base_weight=True,
-    check=check,
+METHOD = register(
+    Method(
+        name="lora-ga",
+        solve=solve,
+        statistics=FULL_STATISTICS,
+        options=LoraGAOptions,
+        offsets_base_weight=True,
+        check=check,
+    )
 )

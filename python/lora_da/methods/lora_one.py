@@ -14,7 +14,7 @@ from typing import Tuple
 import torch
 
 from ..module_init import make_module_init
-from .base import FULL_STATISTICS, Method, SolveContext, Solution
+from .base import FULL_STATISTICS, Method, Solution, SolveContext, register
 from .linalg import signed_pairs, svd
 
 
@@ -50,4 +50,11 @@ def solve(context: SolveContext) -> Solution:
     return Solution(result, "lora-one (torch.linalg, float64)")
 
 
-METHOD = Method(name="lora-one", solve=solve, statistics=FULL_STATISTICS, options=LoraOneOptions)
+METHOD = register(
+    Method(
+        name="lora-one",
+        solve=solve,
+        statistics=FULL_STATISTICS,
+        options=LoraOneOptions,
+    )
+)

@@ -5,7 +5,7 @@ Reads ``W``, no data; the base weight becomes ``W − s·B·A``; factors stored 
 
 from __future__ import annotations
 
-from .base import NO_STATISTICS, Method, SolveContext, Solution
+from .base import NO_STATISTICS, Method, Solution, SolveContext, register
 from .pissa import solve_weight_svd
 
 
@@ -13,11 +13,13 @@ def solve(context: SolveContext) -> Solution:
     return solve_weight_svd(context, minor=True, label="milora")
 
 
-METHOD = Method(
-    name="milora",
-    solve=solve,
-    statistics=NO_STATISTICS,
-    reads_weight=True,
-    offsets_base_weight=True,
-    unit_scaling=True,
+METHOD = register(
+    Method(
+        name="milora",
+        solve=solve,
+        statistics=NO_STATISTICS,
+        reads_weight=True,
+        offsets_base_weight=True,
+        unit_scaling=True,
+    )
 )

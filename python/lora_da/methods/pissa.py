@@ -13,7 +13,7 @@ import torch
 
 from ..layers import weight_matrix
 from ..module_init import make_module_init
-from .base import NO_STATISTICS, Method, SolveContext, Solution
+from .base import NO_STATISTICS, Method, Solution, SolveContext, register
 from .linalg import signed_pairs, svd
 
 
@@ -41,11 +41,13 @@ def solve(context: SolveContext) -> Solution:
     return solve_weight_svd(context, minor=False, label="pissa")
 
 
-METHOD = Method(
-    name="pissa",
-    solve=solve,
-    statistics=NO_STATISTICS,
-    reads_weight=True,
-    offsets_base_weight=True,
-    unit_scaling=True,
+METHOD = register(
+    Method(
+        name="pissa",
+        solve=solve,
+        statistics=NO_STATISTICS,
+        reads_weight=True,
+        offsets_base_weight=True,
+        unit_scaling=True,
+    )
 )
