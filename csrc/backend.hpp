@@ -65,7 +65,8 @@ class Backend {
                          std::int64_t stride_a, T* b, int ldb, std::int64_t stride_b, const Batch& batch) = 0;
 
   // Dense symmetric eigensolver (lower triangle read): eigenvalues ascending
-  // into w[b], eigenvectors overwrite A[b]. Used for the n < 3*block fallback.
+  // into w[b], eigenvectors overwrite A[b]. Used for the dense fallback when
+  // n < 5 (k + guard) (lobpcg.hpp).
   virtual void syevd(int n, T* a, int lda, std::int64_t stride_a, T* w, std::int64_t stride_w, const Batch& batch) = 0;
 
   // Blocks until queued work is finished (no-op on the CPU).

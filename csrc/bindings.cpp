@@ -1,10 +1,22 @@
 // pybind11 module lora_da._core: the compiled core's entry points.
-// Tensors cross as raw pointers (tensor.data_ptr()) plus shapes and dtypes, so
+// Tensors cross as raw addresses (tensor.data_ptr()) plus shapes and dtypes, so
 // the module links neither libtorch nor the CUDA libraries.
+//
+// A solve is described by a request object whose fields are all named:
+//   request = _core.GuidanceRequest(batch=..., n=..., delta=..., ...)   (keywords only)
+//   report = _core.lobpcg_guidance(request)
+// (likewise DenseRequest / lobpcg_dense). An unknown, missing or mistyped field
+// is a TypeError naming it; a bad value is a ValueError naming it (checked when
+// the request is made and again when it is solved, as fields stay writable).
+// The request is then copied into the plain C struct of solve_request.h.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
+#include <functional>
+#include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -19,18 +31,373 @@ namespace py = pybind11;
 
 namespace {
 
-int parse_dtype(const std::string& dtype) {
-  if (dtype == "float64") return LORA_DA_FLOAT64;
-  if (dtype == "float32") return LORA_DA_FLOAT32;
-  throw py::value_error("dtype must be 'float32' or 'float64', got '" + dtype + "'");
+// The largest size the LP64 BLAS/LAPACK, cuBLAS and cuSOLVER interfaces take.
+constexpr std::int64_t kMaxBlasSize = std::numeric_limits<int>::max();
+
+// ---- Fields of a request, read-write by name from Python ----
+
+// Fields every solve has.
+struct SolveFields {
+  std::int64_t batch = 0;  // problems
+  std::int64_t n = 0;      // size of each problem
+  std::string dtype;       // "float32" or "float64" (of every tensor handed over)
+  std::int64_t k = 0;      // wanted eigenpairs
+  std::optional<std::int64_t> guard;  // guard vectors beyond k; None = max(k, 8)
+  bool largest = false;
+  std::optional<double> tol;  // relative residual tolerance; None = the precision's default
+  std::int64_t max_iter = 0;
+  std::uint64_t seed = 0;
+  std::uintptr_t eigenvectors = 0;  // output: batch x k x n row-major (= n x k column-major per problem)
+  std::string device;               // "cpu" or "cuda"
+  std::uintptr_t stream = 0;        // CUDA stream handle (0 = legacy default stream; 0 on the CPU)
+};
+
+struct DenseRequest : SolveFields {
+  std::uintptr_t matrices = 0;    // batch x n x n (symmetric; either order)
+  std::int64_t matrix_stride = 0;  // elements between consecutive matrices
+};
+
+struct GuidanceRequest : SolveFields {
+  std::uintptr_t delta = 0;         // Δ̂: row-major batch x n x d_out (= Dᵀ column-major), or
+  bool delta_column_major = false;  //    with delta_column_major, column-major n x d_out matrices
+  std::int64_t d_out = 0;
+  std::int64_t delta_stride = 0;
+  std::uintptr_t cholesky = 0;  // lower Cholesky factor L of Z, row-major n x n (= Lᵀ column-major)
+  std::int64_t cholesky_stride = 0;  // 0 = one factor shared by the batch
+  double alpha = 0;
+  std::vector<double> variance_scale;  // βc, one per problem
+  // optional preconditioner (I − s M⁻¹)/α from the lower Cholesky factor of M = sI + αZ
+  // (same layout as `cholesky`) and one shift s per problem
+  std::optional<std::uintptr_t> preconditioner_cholesky;
+  std::int64_t preconditioner_stride = 0;
+  std::vector<double> preconditioner_shift;
+  // optional start block: initial_cols columns, n x initial_cols column-major per problem
+  std::optional<std::uintptr_t> initial;
+  std::int64_t initial_cols = 0;
+  std::int64_t initial_stride = 0;
+};
+
+const char* type_name(py::handle value) { return Py_TYPE(value.ptr())->tp_name; }
+
+[[noreturn]] void wrong_type(const std::string& where, const char* expected, py::handle value) {
+  throw py::type_error(where + " must be " + expected + ", got " + type_name(value));
+}
+
+// Strict conversions: a bool is not an int, a float is not an int, a str is not a number.
+py::object as_index(py::handle value, const std::string& where) {
+  if (PyBool_Check(value.ptr()) || !PyIndex_Check(value.ptr())) wrong_type(where, "an int", value);
+  PyObject* index = PyNumber_Index(value.ptr());
+  if (index == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(index);
+}
+
+void convert(py::handle value, const std::string& where, std::int64_t& out) {
+  py::object index = as_index(value, where);
+  int overflow = 0;
+  const long long result = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0) throw py::value_error(where + "=" + std::string(py::str(index)) + " does not fit in 64 bits");
+  if (result == -1 && PyErr_Occurred()) throw py::error_already_set();
+  out = result;
+}
+
+void convert(py::handle value, const std::string& where, std::uint64_t& out) {  // also addresses (uintptr_t)
+  py::object index = as_index(value, where);
+  if (PyObject_RichCompareBool(index.ptr(), py::int_(0).ptr(), Py_LT) == 1)
+    throw py::value_error(where + "=" + std::string(py::str(index)) + " must be >= 0");
+  const unsigned long long result = PyLong_AsUnsignedLongLong(index.ptr());
+  if (result == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(where + "=" + std::string(py::str(index)) + " does not fit in 64 bits");
+  }
+  out = result;
+}
+
+void convert(py::handle value, const std::string& where, double& out) {
+  if (PyBool_Check(value.ptr()) || !(PyFloat_Check(value.ptr()) || PyLong_Check(value.ptr())))
+    wrong_type(where, "a float", value);
+  const double result = PyFloat_AsDouble(value.ptr());
+  if (result == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(where + " does not fit in a double");
+  }
+  out = result;
+}
+
+void convert(py::handle value, const std::string& where, bool& out) {
+  if (!PyBool_Check(value.ptr())) wrong_type(where, "a bool", value);
+  out = value.ptr() == Py_True;
+}
+
+void convert(py::handle value, const std::string& where, std::string& out) {
+  if (!PyUnicode_Check(value.ptr())) wrong_type(where, "a str", value);
+  out = value.cast<std::string>();
+}
+
+void convert(py::handle value, const std::string& where, std::vector<double>& out) {
+  if (!PyList_Check(value.ptr()) && !PyTuple_Check(value.ptr())) wrong_type(where, "a list of floats", value);
+  py::sequence items = py::reinterpret_borrow<py::sequence>(value);
+  std::vector<double> result(items.size());
+  for (std::size_t i = 0; i < result.size(); ++i) {
+    py::object item = items[i];
+    convert(item, where + "[" + std::to_string(i) + "]", result[i]);
+  }
+  out = std::move(result);
+}
+
+template <typename V>
+void convert(py::handle value, const std::string& where, std::optional<V>& out) {
+  if (value.is_none()) {
+    out.reset();
+    return;
+  }
+  V result{};
+  convert(value, where, result);
+  out = result;
+}
+
+// One named field of request type R.
+template <typename R>
+struct Field {
+  std::string name;
+  bool required;
+  std::function<void(R&, py::handle, const std::string&)> set;
+  std::function<py::object(const R&)> get;
+};
+
+template <typename R>
+class Fields {
+ public:
+  explicit Fields(std::string type) : type_(std::move(type)) {}
+  template <typename V>
+  Fields& add(const char* name, V R::*member, bool required = true) {
+    fields_.push_back({name, required,
+                       [member](R& request, py::handle value, const std::string& where) {
+                         convert(value, where, request.*member);
+                       },
+                       [member](const R& request) { return py::cast(request.*member); }});
+    return *this;
+  }
+  const std::string& type() const { return type_; }
+  const std::vector<Field<R>>& all() const { return fields_; }
+  const Field<R>* find(const std::string& name) const {
+    for (const auto& field : fields_)
+      if (field.name == name) return &field;
+    return nullptr;
+  }
+
+ private:
+  std::string type_;
+  std::vector<Field<R>> fields_;
+};
+
+// The fields of SolveFields, in the order they are listed.
+template <typename R>
+void add_solve_fields(Fields<R>& fields) {
+  fields.template add<std::int64_t>("batch", &R::batch)
+      .template add<std::int64_t>("n", &R::n)
+      .template add<std::string>("dtype", &R::dtype)
+      .template add<std::int64_t>("k", &R::k)
+      .template add<std::optional<std::int64_t>>("guard", &R::guard)
+      .template add<bool>("largest", &R::largest)
+      .template add<std::optional<double>>("tol", &R::tol)
+      .template add<std::int64_t>("max_iter", &R::max_iter)
+      .template add<std::uint64_t>("seed", &R::seed)
+      .template add<std::uintptr_t>("eigenvectors", &R::eigenvectors)
+      .template add<std::string>("device", &R::device)
+      .template add<std::uintptr_t>("stream", &R::stream);
+}
+
+const Fields<DenseRequest>& dense_fields() {
+  static const Fields<DenseRequest> fields = [] {
+    Fields<DenseRequest> f("DenseRequest");
+    f.add("matrices", &DenseRequest::matrices).add("matrix_stride", &DenseRequest::matrix_stride);
+    add_solve_fields(f);
+    return f;
+  }();
+  return fields;
+}
+
+const Fields<GuidanceRequest>& guidance_fields() {
+  static const Fields<GuidanceRequest> fields = [] {
+    using G = GuidanceRequest;
+    Fields<G> f("GuidanceRequest");
+    f.add("delta", &G::delta)
+        .add("delta_column_major", &G::delta_column_major)
+        .add("d_out", &G::d_out)
+        .add("delta_stride", &G::delta_stride)
+        .add("cholesky", &G::cholesky)
+        .add("cholesky_stride", &G::cholesky_stride)
+        .add("alpha", &G::alpha)
+        .add("variance_scale", &G::variance_scale)
+        .add("preconditioner_cholesky", &G::preconditioner_cholesky, false)
+        .add("preconditioner_stride", &G::preconditioner_stride, false)
+        .add("preconditioner_shift", &G::preconditioner_shift, false)
+        .add("initial", &G::initial, false)
+        .add("initial_cols", &G::initial_cols, false)
+        .add("initial_stride", &G::initial_stride, false);
+    add_solve_fields(f);
+    return f;
+  }();
+  return fields;
+}
+
+// ---- Validation (one-line ValueErrors naming the field) ----
+
+class Checker {
+ public:
+  explicit Checker(const std::string& type) : type_(type) {}
+  [[noreturn]] void fail(const std::string& message) const { throw py::value_error(type_ + "." + message); }
+  void range(const char* name, std::int64_t value, std::int64_t low, std::int64_t high, const char* why = "") const {
+    if (value < low || value > high)
+      fail(std::string(name) + "=" + std::to_string(value) + " must lie in [" + std::to_string(low) + ", " +
+           std::to_string(high) + "]" + why);
+  }
+  void size(const char* name, std::int64_t value, std::int64_t low = 1) const {
+    range(name, value, low, kMaxBlasSize, " (the 32-bit size range of BLAS)");
+  }
+  void stride(const char* name, std::int64_t value) const {
+    if (value < 0) fail(std::string(name) + "=" + std::to_string(value) + " must be >= 0");
+  }
+  void address(const char* name, std::uintptr_t value) const {
+    if (value == 0) fail(std::string(name) + " is a null address");
+  }
+  void finite(const char* name, double value) const {
+    if (!std::isfinite(value)) fail(std::string(name) + "=" + std::to_string(value) + " must be finite");
+  }
+  void per_problem(const char* name, const std::vector<double>& values, std::int64_t batch) const {
+    if (std::int64_t(values.size()) != batch)
+      fail(std::string(name) + " needs one value per problem (batch=" + std::to_string(batch) + "), got " +
+           std::to_string(values.size()));
+    for (std::size_t i = 0; i < values.size(); ++i)
+      if (!std::isfinite(values[i]))
+        fail(std::string(name) + "[" + std::to_string(i) + "]=" + std::to_string(values[i]) + " must be finite");
+  }
+
+ private:
+  const std::string& type_;
+};
+
+void validate_solve_fields(const SolveFields& r, const Checker& check) {
+  check.size("batch", r.batch);
+  check.size("n", r.n);
+  if (r.dtype != "float32" && r.dtype != "float64")
+    check.fail("dtype='" + r.dtype + "' must be 'float32' or 'float64'");
+  check.range("k", r.k, 1, r.n, " = [1, n]");
+  if (r.guard) check.size("guard", *r.guard, 0);
+  if (r.tol && !(std::isfinite(*r.tol) && *r.tol > 0))
+    check.fail("tol=" + std::to_string(*r.tol) + " must be finite and > 0 (None = the default)");
+  check.size("max_iter", r.max_iter, 0);
+  check.address("eigenvectors", r.eigenvectors);
+  if (r.device != "cpu" && r.device != "cuda") check.fail("device='" + r.device + "' must be 'cpu' or 'cuda'");
+  if (r.device == "cpu" && r.stream != 0) check.fail("stream must be 0 on the CPU");
+}
+
+void validate(const DenseRequest& r) {
+  Checker check(dense_fields().type());
+  validate_solve_fields(r, check);
+  check.address("matrices", r.matrices);
+  check.stride("matrix_stride", r.matrix_stride);
+}
+
+void validate(const GuidanceRequest& r) {
+  Checker check(guidance_fields().type());
+  validate_solve_fields(r, check);
+  check.address("delta", r.delta);
+  check.size("d_out", r.d_out);
+  check.stride("delta_stride", r.delta_stride);
+  check.address("cholesky", r.cholesky);
+  check.stride("cholesky_stride", r.cholesky_stride);
+  check.finite("alpha", r.alpha);
+  check.per_problem("variance_scale", r.variance_scale, r.batch);
+  if (r.preconditioner_cholesky) {
+    check.address("preconditioner_cholesky", *r.preconditioner_cholesky);
+    check.stride("preconditioner_stride", r.preconditioner_stride);
+    check.per_problem("preconditioner_shift", r.preconditioner_shift, r.batch);
+    if (!(r.alpha > 0)) check.fail("alpha=" + std::to_string(r.alpha) + " must be > 0 with a preconditioner");
+  } else if (!r.preconditioner_shift.empty()) {
+    check.fail("preconditioner_shift is given without preconditioner_cholesky");
+  }
+  if (r.initial) {
+    check.address("initial", *r.initial);
+    check.size("initial_cols", r.initial_cols, 0);
+    check.stride("initial_stride", r.initial_stride);
+  } else if (r.initial_cols != 0) {
+    check.fail("initial_cols=" + std::to_string(r.initial_cols) + " is given without initial");
+  }
+}
+
+// ---- The Python class of a request ----
+
+template <typename R>
+std::string request_repr(const R& request, const Fields<R>& fields) {
+  std::string text = fields.type() + "(";
+  for (std::size_t i = 0; i < fields.all().size(); ++i) {
+    const auto& field = fields.all()[i];
+    text += (i ? ", " : "") + field.name + "=" + std::string(py::repr(field.get(request)));
+  }
+  return text + ")";
+}
+
+template <typename R>
+void bind_request(py::module_& m, const Fields<R>& fields, const char* doc) {
+  py::class_<R> cls(m, fields.type().c_str(), doc);
+  cls.def(py::init([&fields](py::args args, py::kwargs kwargs) {
+    if (args.size() != 0) throw py::type_error(fields.type() + " takes keyword arguments only");
+    R request;
+    std::vector<std::string> given;
+    for (auto item : kwargs) {
+      const std::string name = py::str(item.first);
+      const Field<R>* field = fields.find(name);
+      if (field == nullptr) throw py::type_error(fields.type() + ": unknown field '" + name + "'");
+      field->set(request, item.second, fields.type() + "." + name);
+      given.push_back(name);
+    }
+    std::string missing;
+    for (const auto& field : fields.all()) {
+      if (!field.required) continue;
+      bool present = false;
+      for (const auto& name : given) present = present || name == field.name;
+      if (!present) missing += (missing.empty() ? "'" : ", '") + field.name + "'";
+    }
+    if (!missing.empty()) throw py::type_error(fields.type() + ": missing field(s) " + missing);
+    validate(request);
+    return request;
+  }));
+  py::list names, required;
+  for (const auto& field : fields.all()) {
+    const std::string where = fields.type() + "." + field.name;
+    auto set = field.set;
+    auto get = field.get;
+    cls.def_property(
+        field.name.c_str(), [get](const R& request) { return get(request); },
+        [set, where](R& request, py::handle value) { set(request, value, where); });
+    names.append(field.name);
+    if (field.required) required.append(field.name);
+  }
+  cls.attr("fields") = py::tuple(names);
+  cls.attr("required_fields") = py::tuple(required);
+  cls.def("__repr__", [&fields](const R& request) { return request_repr(request, fields); });
+}
+
+// ---- Solving ----
+
+void copy_solve_fields(const SolveFields& r, lora_da_solve_request& request) {
+  request.dtype = r.dtype == "float64" ? LORA_DA_FLOAT64 : LORA_DA_FLOAT32;
+  request.batch = r.batch;
+  request.n = r.n;
+  request.k = r.k;
+  request.guard = r.guard ? *r.guard : -1;
+  request.largest = r.largest ? 1 : 0;
+  request.tol = r.tol ? *r.tol : -1.0;
+  request.max_iter = int(r.max_iter);
+  request.seed = r.seed;
+  request.stream = r.stream;
+  request.eigenvectors = reinterpret_cast<void*>(r.eigenvectors);
 }
 
 // Runs the request on `device` ("cpu" or "cuda") and packs the report.
 py::dict run_request(lora_da_solve_request& request, const std::string& device) {
-  if (request.batch < 1 || request.n < 1) throw py::value_error("empty batch or n < 1");
-  if (request.k < 1 || request.k > request.n) throw py::value_error("k must lie in [1, n]");
-  if (request.max_iter < 0) throw py::value_error("max_iter must be >= 0");
-  const std::size_t pairs = std::size_t(request.batch) * request.k;
+  const std::size_t pairs = std::size_t(request.batch) * std::size_t(request.k);
   std::vector<double> eigenvalues(pairs), residual_norms(pairs), norm_estimate(request.batch);
   std::vector<int> iterations(request.batch);
   std::vector<unsigned char> converged(request.batch);
@@ -47,11 +414,9 @@ py::dict run_request(lora_da_solve_request& request, const std::string& device) 
     if (device == "cpu") {
       status = lora_da_cpu_solve(&request, message, sizeof(message));
       backend = "lobpcg/cpu-openblas";
-    } else if (device == "cuda") {
+    } else {  // validated: "cuda"
       status = lora_da_cuda_solve(&request, message, sizeof(message));
       backend = "lobpcg/cuda-cublas-cusolver";
-    } else {
-      throw std::invalid_argument("device must be 'cpu' or 'cuda'");
     }
   }
   if (status != 0) throw std::runtime_error(std::string("lora_da LOBPCG failed: ") + message);
@@ -68,16 +433,41 @@ py::dict run_request(lora_da_solve_request& request, const std::string& device) 
   return out;
 }
 
-void set_options(lora_da_solve_request& request, int k, int guard, bool largest, double tol, int max_iter,
-                 std::uint64_t seed, std::uintptr_t stream, std::uintptr_t eigenvectors) {
-  request.k = k;
-  request.guard = guard;
-  request.largest = largest ? 1 : 0;
-  request.tol = tol;
-  request.max_iter = max_iter;
-  request.seed = seed;
-  request.stream = stream;
-  request.eigenvectors = reinterpret_cast<void*>(eigenvectors);
+// By value: the solve runs without the GIL on a copy no other thread can change.
+py::dict solve_dense(DenseRequest r) {
+  validate(r);
+  lora_da_solve_request request{};
+  request.operator_kind = LORA_DA_OPERATOR_DENSE;
+  copy_solve_fields(r, request);
+  request.matrices = reinterpret_cast<const void*>(r.matrices);
+  request.matrix_stride = r.matrix_stride;
+  return run_request(request, r.device);
+}
+
+py::dict solve_guidance(GuidanceRequest r) {
+  validate(r);
+  lora_da_solve_request request{};
+  request.operator_kind = LORA_DA_OPERATOR_GUIDANCE;
+  copy_solve_fields(r, request);
+  request.d_transposed = reinterpret_cast<const void*>(r.delta);
+  request.d_column_major = r.delta_column_major ? 1 : 0;
+  request.d_out = r.d_out;
+  request.stride_d = r.delta_stride;
+  request.z_upper = reinterpret_cast<const void*>(r.cholesky);
+  request.stride_z = r.cholesky_stride;
+  request.alpha = r.alpha;
+  request.variance_scale = r.variance_scale.data();
+  if (r.preconditioner_cholesky) {
+    request.preconditioner = reinterpret_cast<const void*>(*r.preconditioner_cholesky);
+    request.stride_p = r.preconditioner_stride;
+    request.preconditioner_shift = r.preconditioner_shift.data();
+  }
+  if (r.initial) {
+    request.initial = reinterpret_cast<const void*>(*r.initial);
+    request.initial_cols = r.initial_cols;
+    request.initial_stride = r.initial_stride;
+  }
+  return run_request(request, r.device);
 }
 
 }  // namespace
@@ -104,70 +494,26 @@ PYBIND11_MODULE(_core, m) {
       },
       "How this build of lora_da._core was configured.");
 
-  m.def(
-      "lobpcg_dense",
-      [](std::uintptr_t matrices, int batch, int n, std::int64_t matrix_stride, const std::string& dtype, int k,
-         int guard, bool largest, double tol, int max_iter, std::uint64_t seed, std::uintptr_t eigenvectors,
-         const std::string& device, std::uintptr_t stream) {
-        lora_da_solve_request request{};
-        request.operator_kind = LORA_DA_OPERATOR_DENSE;
-        request.dtype = parse_dtype(dtype);
-        request.batch = batch;
-        request.n = n;
-        request.matrices = reinterpret_cast<const void*>(matrices);
-        request.matrix_stride = matrix_stride;
-        set_options(request, k, guard, largest, tol, max_iter, seed, stream, eigenvectors);
-        return run_request(request, device);
-      },
-      py::arg("matrices"), py::arg("batch"), py::arg("n"), py::arg("matrix_stride"), py::arg("dtype"), py::arg("k"),
-      py::arg("guard"), py::arg("largest"), py::arg("tol"), py::arg("max_iter"), py::arg("seed"),
-      py::arg("eigenvectors"), py::arg("device"), py::arg("stream"),
-      "Batched LOBPCG on dense symmetric matrices given by address (contiguous, batch x n x n). "
-      "Eigenvectors are written to `eigenvectors` as batch x k x n (row-major), i.e. n x k column-major.");
+  bind_request(m, dense_fields(),
+               "A batched LOBPCG solve on dense symmetric matrices, every field by name (keywords only). "
+               "matrices: address of batch matrices n x n, matrix_stride elements apart (only symmetric "
+               "matrices; either order). eigenvectors: address of the output, batch x k x n row-major "
+               "(= n x k column-major per problem). guard / tol: None = the solver's default. "
+               "See `fields` and `required_fields`.");
+  bind_request(m, guidance_fields(),
+               "A batched LOBPCG solve on Ω v = −α D(Dᵀv) + c Z⁻¹v, every field by name (keywords only). "
+               "delta: address of D, a row-major batch x n x d_out tensor (= Dᵀ column-major), or with "
+               "delta_column_major a batch of column-major n x d_out matrices; cholesky: the lower Cholesky "
+               "factor L of Z as a row-major n x n tensor (= Lᵀ column-major; cholesky_stride 0 = shared); "
+               "variance_scale: c (β folded in) per problem. Optional: preconditioner_cholesky (the lower "
+               "factor of M = sI + αZ, same layout as cholesky; P = (I − s M⁻¹)/α) with "
+               "preconditioner_stride and one preconditioner_shift s per problem; initial (n x initial_cols "
+               "column-major per problem, initial_stride apart) for the first start columns. "
+               "Other fields as in DenseRequest. See `fields` and `required_fields`.");
 
-  m.def(
-      "lobpcg_guidance",
-      [](std::uintptr_t d_transposed, int batch, int n, int d_out, std::int64_t stride_d, std::uintptr_t z_upper,
-         std::int64_t stride_z, double alpha, const std::vector<double>& variance_scale, const std::string& dtype,
-         int k, int guard, bool largest, double tol, int max_iter, std::uint64_t seed, std::uintptr_t eigenvectors,
-         const std::string& device, std::uintptr_t stream, std::uintptr_t preconditioner, std::int64_t stride_p,
-         const std::vector<double>& preconditioner_shift, bool d_column_major, std::uintptr_t initial,
-         int initial_cols, std::int64_t initial_stride) {
-        if (int(variance_scale.size()) != batch) throw py::value_error("variance_scale needs one value per problem");
-        if (preconditioner != 0 && int(preconditioner_shift.size()) != batch)
-          throw py::value_error("preconditioner_shift needs one value per problem");
-        lora_da_solve_request request{};
-        request.operator_kind = LORA_DA_OPERATOR_GUIDANCE;
-        request.dtype = parse_dtype(dtype);
-        request.batch = batch;
-        request.n = n;
-        request.d_transposed = reinterpret_cast<const void*>(d_transposed);
-        request.d_column_major = d_column_major ? 1 : 0;
-        request.d_out = d_out;
-        request.stride_d = stride_d;
-        request.z_upper = reinterpret_cast<const void*>(z_upper);
-        request.stride_z = stride_z;
-        request.alpha = alpha;
-        request.variance_scale = variance_scale.data();
-        request.preconditioner = reinterpret_cast<const void*>(preconditioner);
-        request.stride_p = stride_p;
-        request.preconditioner_shift = preconditioner_shift.empty() ? nullptr : preconditioner_shift.data();
-        set_options(request, k, guard, largest, tol, max_iter, seed, stream, eigenvectors);
-        if (initial_cols < 0) throw py::value_error("initial_cols must be >= 0");
-        request.initial = reinterpret_cast<const void*>(initial);
-        request.initial_cols = initial == 0 ? 0 : initial_cols;
-        request.initial_stride = initial_stride;
-        return run_request(request, device);
-      },
-      py::arg("d_transposed"), py::arg("batch"), py::arg("n"), py::arg("d_out"), py::arg("stride_d"),
-      py::arg("z_upper"), py::arg("stride_z"), py::arg("alpha"), py::arg("variance_scale"), py::arg("dtype"),
-      py::arg("k"), py::arg("guard"), py::arg("largest"), py::arg("tol"), py::arg("max_iter"), py::arg("seed"),
-      py::arg("eigenvectors"), py::arg("device"), py::arg("stream"), py::arg("preconditioner") = 0,
-      py::arg("stride_p") = 0, py::arg("preconditioner_shift") = std::vector<double>{},
-      py::arg("d_column_major") = false, py::arg("initial") = 0, py::arg("initial_cols") = 0,
-      py::arg("initial_stride") = 0,
-      "Batched LOBPCG on Ω v = −α D(Dᵀv) + c Z⁻¹v. Pointers: D as a row-major batch x n x d_out tensor "
-      "(= Dᵀ column-major; with d_column_major, a batch of column-major n x d_out matrices), the lower Cholesky factor L of Z as a row-major n x n tensor (= Lᵀ column-major); "
-      "optional preconditioner (I − s M⁻¹)/α from the lower Cholesky factor of M = sI + αZ (same layout as L) "
-      "and one shift s per problem.");
+  m.def("lobpcg_dense", &solve_dense, py::arg("request"),
+        "Solves a DenseRequest; returns the report (eigenvalues, residual_norms, iterations, converged, "
+        "norm_estimate, dense_fallback, block_size, tol, backend). Eigenvectors go to request.eigenvectors.");
+  m.def("lobpcg_guidance", &solve_guidance, py::arg("request"),
+        "Solves a GuidanceRequest; returns the report as lobpcg_dense does.");
 }

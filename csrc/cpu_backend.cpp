@@ -1,5 +1,6 @@
 // CPU backend: the batched operations of backend.hpp as loops over the batch
-// calling scipy-openblas32 BLAS/LAPACK (which threads each call itself).
+// (spread over the worker threads, see cpu_backend.hpp) calling scipy-openblas32
+// BLAS/LAPACK.
 #include "cpu_backend.hpp"
 
 #include <algorithm>

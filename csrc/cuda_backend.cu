@@ -1,5 +1,5 @@
 // CUDA backend of the LOBPCG solver: n-sized data in device memory, products
-// by cuBLAS (strided-batched GEMM, TRSM), the dense fallback by cuSOLVER
+// by cuBLAS (strided-batched GEMM, TRSM, GEAM), the dense fallback by cuSOLVER
 // (syevd). Both libraries are loaded with dlopen on first use, so the module
 // imports on machines without CUDA; the CUDA runtime is linked statically.
 // All work is queued on the caller's stream (torch.cuda.current_stream()).
@@ -88,7 +88,9 @@ const CudaLibraries& libraries() {
   static std::once_flag once;
   std::call_once(once, []() {
     std::string tried;
-    // Newest first; a copy already loaded by torch is found by its soname.
+    // Newest first (cuSOLVER's sonames run one behind cuBLAS's: libcusolver.so.12
+    // ships with CUDA 13, .11 with CUDA 11 and 12; .13 is tried last); a copy
+    // already loaded by torch is found by its soname.
     void* cublas = open_first({"libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so"}, tried);
     void* cusolver =
         open_first({"libcusolver.so.12", "libcusolver.so.11", "libcusolver.so.13", "libcusolver.so"}, tried);
@@ -131,16 +133,42 @@ void check_cusolver(cusolverStatus_t status, const char* what) {
 cublasOperation_t to_op(char trans) { return (trans == 'T' || trans == 't') ? CUBLAS_OP_T : CUBLAS_OP_N; }
 cublasFillMode_t to_fill(char uplo) { return (uplo == 'U' || uplo == 'u') ? CUBLAS_FILL_MODE_UPPER : CUBLAS_FILL_MODE_LOWER; }
 
+// Every status is checked. release() cannot throw: it records the first
+// failure instead, and finish(), which ends every successful solve, reports it.
 template <typename T>
 class CudaBackend final : public Backend<T> {
  public:
   explicit CudaBackend(cudaStream_t stream) : libs_(libraries()), stream_(stream) {
     check_cublas(libs_.cublas_create(&cublas_), "cublasCreate");
-    check_cublas(libs_.cublas_set_stream(cublas_, stream_), "cublasSetStream");
+    const cublasStatus_t status = libs_.cublas_set_stream(cublas_, stream_);
+    if (status != 0) {
+      // The destructor does not run when the constructor throws: release the handle here.
+      const cublasStatus_t destroyed = libs_.cublas_destroy(cublas_);
+      cublas_ = nullptr;
+      check_cublas(status, destroyed == 0 ? "cublasSetStream" : "cublasSetStream (and cublasDestroy)");
+    }
   }
+  // Finds handles still open only when the solve threw (finish() closes them
+  // otherwise): the error already propagating is the one reported, so these two
+  // statuses are deliberately dropped.
   ~CudaBackend() override {
-    if (cusolver_ != nullptr) libs_.cusolver_destroy(cusolver_);
-    if (cublas_ != nullptr) libs_.cublas_destroy(cublas_);
+    if (cusolver_ != nullptr) (void)libs_.cusolver_destroy(cusolver_);
+    if (cublas_ != nullptr) (void)libs_.cublas_destroy(cublas_);
+  }
+  // Ends a successful solve: destroys the handles and reports any failure
+  // recorded by a call that could not throw.
+  void finish() {
+    if (cusolver_ != nullptr) {
+      cusolverDnHandle_t handle = cusolver_;
+      cusolver_ = nullptr;
+      check_cusolver(libs_.cusolver_destroy(handle), "cusolverDnDestroy");
+    }
+    if (cublas_ != nullptr) {
+      cublasHandle_t handle = cublas_;
+      cublas_ = nullptr;
+      check_cublas(libs_.cublas_destroy(handle), "cublasDestroy");
+    }
+    check_cuda(deferred_status_, deferred_what_);
   }
   std::string name() const override { return "cuda-cublas-cusolver"; }
 
@@ -149,15 +177,15 @@ class CudaBackend final : public Backend<T> {
     check_cuda(cudaMalloc(&data, std::max<std::size_t>(count, 1) * sizeof(T)), "cudaMalloc");
     cudaError_t status = cudaMemsetAsync(data, 0, std::max<std::size_t>(count, 1) * sizeof(T), stream_);
     if (status != cudaSuccess) {
-      cudaFree(data);
+      record_cuda(cudaFree(data), "cudaFree");  // the memset failure is the error reported
       check_cuda(status, "cudaMemsetAsync");
     }
     return static_cast<T*>(data);
   }
   void release(T* data) noexcept override {
     if (data == nullptr) return;
-    cudaStreamSynchronize(stream_);  // the stream may still use it
-    cudaFree(data);
+    record_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");  // the stream may still use it
+    record_cuda(cudaFree(data), "cudaFree");
   }
   void to_host(double* host, const T* data, std::size_t count) override {
     std::vector<T> staging(count);
@@ -226,24 +254,26 @@ class CudaBackend final : public Backend<T> {
                    "cusolverDn?syevd_bufferSize");
     DeviceBuffer<T> work(*this, std::size_t(std::max(lwork, 1)));
     int* info_device = nullptr;
-    check_cuda(cudaMalloc(reinterpret_cast<void**>(&info_device), sizeof(int) * batch.count), "cudaMalloc");
+    check_cuda(cudaMalloc(reinterpret_cast<void**>(&info_device), sizeof(int) * std::size_t(batch.count)),
+               "cudaMalloc");
     try {
       for (int p = 0; p < batch.count; ++p)
         check_cusolver(syevd_routine()(cusolver_, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n,
                                        a + p * stride_a, lda, w + p * stride_w, work.get(), lwork, info_device + p),
                        "cusolverDn?syevd");
       std::vector<int> info(batch.count);
-      check_cuda(cudaMemcpyAsync(info.data(), info_device, sizeof(int) * batch.count, cudaMemcpyDeviceToHost, stream_),
+      check_cuda(cudaMemcpyAsync(info.data(), info_device, sizeof(int) * std::size_t(batch.count),
+                                 cudaMemcpyDeviceToHost, stream_),
                  "cudaMemcpyAsync (info)");
       check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
       for (int p = 0; p < batch.count; ++p)
         if (info[p] != 0)
           throw BackendError("cusolverDn?syevd failed on problem " + std::to_string(p) + ", info=" + std::to_string(info[p]));
     } catch (...) {
-      cudaFree(info_device);
+      record_cuda(cudaFree(info_device), "cudaFree");  // the error being rethrown is the one reported
       throw;
     }
-    cudaFree(info_device);
+    check_cuda(cudaFree(info_device), "cudaFree");
   }
   void synchronize() override { check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
 
@@ -254,10 +284,20 @@ class CudaBackend final : public Backend<T> {
   SyevdBufferSize<T> size_routine() const;
   Syevd<T> syevd_routine() const;
 
+  // Keeps the first failure of a call that could not throw (see finish()); no
+  // allocation here, finish() builds the message.
+  void record_cuda(cudaError_t status, const char* what) noexcept {
+    if (status == cudaSuccess || deferred_status_ != cudaSuccess) return;
+    deferred_status_ = status;
+    deferred_what_ = what;
+  }
+
   const CudaLibraries& libs_;
   cudaStream_t stream_;
   cublasHandle_t cublas_ = nullptr;
   cusolverDnHandle_t cusolver_ = nullptr;
+  cudaError_t deferred_status_ = cudaSuccess;
+  const char* deferred_what_ = "";
 };
 
 template <> GemmStridedBatched<float> CudaBackend<float>::gemm_routine() const { return libs_.sgemm; }
@@ -281,9 +321,11 @@ extern "C" int lora_da_cuda_solve(lora_da_solve_request* request, char* message,
         if (request->dtype == LORA_DA_FLOAT64) {
           lora_da::CudaBackend<double> backend(stream);
           lora_da::solve_on_backend(backend, *request);
+          backend.finish();
         } else {
           lora_da::CudaBackend<float> backend(stream);
           lora_da::solve_on_backend(backend, *request);
+          backend.finish();
         }
       },
       message, message_size);

@@ -1,7 +1,9 @@
 // Blocked LOBPCG for the k smallest (or largest) eigenpairs of a batch of
 // symmetric operators of one size n, written once over the backend interface
-// (backend.hpp). In LoRA-DA the operator is Ω = −αΔ̂Δ̂ᵀ + βcZ⁻¹ (SPEC.md,
-// step 4) and the wanted pairs are its r smallest (step 5).
+// (backend.hpp). In LoRA-DA the operator is Ω = −αΔ̂Δ̂ᵀ + βcZ⁻¹ and the wanted
+// pairs are its r smallest (docs/math.md: the steps that form Ω and take its
+// eigenvectors; §5.3 Ω as an operator; §5.4 this solver, its convergence test
+// and the independent check of its results).
 //
 // Algorithm (per problem; every n-sized step is one batched backend call):
 //   block size m = k + guard; the basis S = [X | P | W] (n x 3m) is kept
@@ -11,14 +13,17 @@
 //   pairs, projected against [X, P] and orthonormalized by SVQB twice, with
 //   numerically dependent directions dropped (this is what makes Rayleigh–Ritz
 //   survive rank loss in [X, R, P]).
-//   Each iteration: R = AX − XΘ; convergence test; W from R; AW = A W (the one
-//   operator application); H = Sᵀ(AS); eigen-decomposition of H restricted to
-//   the valid columns; X ← S Y, P ← S Q with Q the part of Y outside X,
-//   orthonormalized against Y in coefficient space; AX, AP likewise.
-// Soft locking: a wanted pair whose residual meets the tolerance contributes no
+//   Each iteration: R = AX − XΘ; convergence test; W from R (W ← P W when the
+//   operator has a preconditioner P); AW = A W (the one operator application);
+//   H = Sᵀ(AS); eigen-decomposition of H restricted to the valid columns;
+//   X ← S Y, P ← S Q with Q the part of Y outside X, orthonormalized against Y
+//   in coefficient space; AX, AP likewise.
+// Soft locking: a wanted pair whose residual meets the threshold below contributes no
 // residual direction (but stays in X and in the Rayleigh–Ritz); guard pairs
-// always contribute. A problem stops once all of its k wanted pairs meet
+// always contribute (unless their residual is exactly zero). A problem stops
+// (converged) once all of its k wanted pairs meet
 //   ||A x_j − θ_j x_j|| <= max(tol * max_{i<m} |θ_i|, 100 eps ||A||_est),
+// or (not converged) after max_iter iterations;
 // ||A||_est = the largest |Ritz value| seen so far (a lower bound of ||A||_2
 // that is close to it after the first iterations). The residual is measured
 // against the size of the block's own Ritz values, not against ||A||: Ω's
@@ -48,7 +53,7 @@ namespace lora_da {
 
 struct LobpcgOptions {
   int k = 1;
-  int guard = -1;  // guard vectors beyond k; -1 = default (see default_guard)
+  int guard = -1;  // guard vectors beyond k; < 0 = default (see default_guard)
   bool largest = false;
   double tol = -1;  // relative residual tolerance; <= 0 = default for the precision
   int max_iter = 500;
@@ -72,10 +77,10 @@ struct LobpcgReport {
   double tol = 0;
 };
 
-// Default tolerances (relative residual): about 1e4 x unit roundoff for fp32,
-// where rounding in the n-sized products limits the attainable residual to
-// ~sqrt(n) eps ||A||; 1e-10 for fp64 (well above its floor, and tight enough
-// for angles ~1e-8 / relative gap).
+// Default tolerances (relative residual): 2e-4 for fp32 (about 1.7e3 x its
+// machine epsilon 1.19e-7), where rounding in the n-sized products limits the
+// attainable residual to ~sqrt(n) eps ||A||; 1e-10 for fp64 (well above its
+// floor, and tight enough for angles ~1e-8 / relative gap).
 template <typename T>
 double default_tolerance() {
   return sizeof(T) == 4 ? 2e-4 : 1e-10;
@@ -134,7 +139,8 @@ inline int svqb_transform(int w, const double* gram, double drop, double* transf
   if (!(max_diag > 0) || !std::isfinite(max_diag)) return 0;
   for (int i = 0; i < w; ++i) {
     double d = gram[i + std::size_t(i) * w];
-    // Columns that are exactly (or to rounding) zero relative to the largest are unused slots.
+    // Columns whose squared norm is zero (or below 1e-300 of the largest) are unused slots:
+    // scale 0 makes their scaled Gram row and column zero, so SVQB drops them.
     scale[i] = d > max_diag * 1e-300 && d > 0 ? 1.0 / std::sqrt(d) : 0.0;
   }
   for (int j = 0; j < w; ++j)
@@ -169,8 +175,10 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
   const int guard = options.guard >= 0 ? options.guard : default_guard(k);
   // Dense below n = 5 (k + guard): there the basis [X, P, W] nearly fills the
   // space, LOBPCG gains nothing and loses robustness (seen stagnating with
-  // widely spread spectra), and a dense solve is cheap.
-  const int block = n < 5 * (k + guard) ? 0 : k + guard;
+  // widely spread spectra), and a dense solve is cheap. In 64 bits: k + guard
+  // may exceed the int range; past the test it is at most n / 5.
+  const std::int64_t wanted_block = std::int64_t(k) + guard;
+  const int block = std::int64_t(n) < 5 * wanted_block ? 0 : int(wanted_block);
 
   LobpcgReport report;
   report.tol = tol;
@@ -409,7 +417,8 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
       }
       any_running = true;
       // Soft locking: the residuals of converged wanted pairs are left out;
-      // the others (and every guard pair) become W's columns, normalized.
+      // the others (and every guard pair) with a nonzero residual become W's
+      // columns, normalized.
       double* eb = selection.data() + std::size_t(b) * m * m;
       int column = 0;
       for (int j = 0; j < m; ++j) {

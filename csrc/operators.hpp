@@ -28,7 +28,7 @@ class DenseSymmetricOperator final : public Operator<T> {
   std::int64_t stride_;
 };
 
-// LoRA-DA's Initialization Guidance Matrix as an operator (SPEC.md step 4),
+// LoRA-DA's Initialization Guidance Matrix as an operator (docs/math.md §5.3),
 //   Ω v = −α D (Dᵀ v) + c Z⁻¹ v,
 // given D (d_in x d_out) and the Cholesky factor of Z, forming neither Ω nor Z⁻¹.
 // Column-major storage as handed over from row-major torch tensors:

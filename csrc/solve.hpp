@@ -2,9 +2,12 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <limits>
+#include <string>
 #include <vector>
 
 #include "backend.hpp"
@@ -14,37 +17,49 @@
 
 namespace lora_da {
 
+// A size of the request as the int that the LP64 BLAS/LAPACK, cuBLAS and
+// cuSOLVER interfaces take (the bindings check the same limits first).
+inline int blas_int(std::int64_t value, const char* name) {
+  if (value < 0 || value > std::numeric_limits<int>::max())
+    throw BackendError(std::string(name) + "=" + std::to_string(value) +
+                       " does not fit the 32-bit BLAS size range [0, " +
+                       std::to_string(std::numeric_limits<int>::max()) + "]");
+  return int(value);
+}
+
 template <typename T>
 void solve_on_backend(Backend<T>& backend, lora_da_solve_request& request) {
+  const int n = blas_int(request.n, "n");
+  const int batch = blas_int(request.batch, "batch");
   LobpcgOptions options;
-  options.k = request.k;
-  options.guard = request.guard;
+  options.k = blas_int(request.k, "k");
+  options.guard = request.guard < 0 ? -1 : blas_int(request.guard, "guard");
   options.largest = request.largest != 0;
   options.tol = request.tol;
   options.max_iter = request.max_iter;
   options.seed = request.seed;
   options.initial = request.initial;
-  options.initial_cols = request.initial_cols;
+  options.initial_cols = blas_int(request.initial_cols, "initial_cols");
   options.initial_stride = request.initial_stride;
   LobpcgReport report;
   T* eigenvectors = static_cast<T*>(request.eigenvectors);
   if (request.operator_kind == LORA_DA_OPERATOR_DENSE) {
-    DenseSymmetricOperator<T> op(backend, static_cast<const T*>(request.matrices), request.n, request.matrix_stride);
-    report = lobpcg(backend, op, request.batch, options, eigenvectors);
+    DenseSymmetricOperator<T> op(backend, static_cast<const T*>(request.matrices), n, request.matrix_stride);
+    report = lobpcg(backend, op, batch, options, eigenvectors);
   } else if (request.operator_kind == LORA_DA_OPERATOR_GUIDANCE) {
-    std::vector<double> scale(request.variance_scale, request.variance_scale + request.batch);
+    std::vector<double> scale(request.variance_scale, request.variance_scale + batch);
     std::vector<double> shift;
     if (request.preconditioner != nullptr) {
       if (request.preconditioner_shift == nullptr) throw BackendError("the preconditioner needs its shifts");
       if (!(request.alpha > 0)) throw BackendError("the preconditioner needs alpha > 0");
-      shift.assign(request.preconditioner_shift, request.preconditioner_shift + request.batch);
+      shift.assign(request.preconditioner_shift, request.preconditioner_shift + batch);
     }
-    LoraDAGuidanceOperator<T> op(backend, static_cast<const T*>(request.d_transposed), request.n, request.d_out,
-                                 request.stride_d, static_cast<const T*>(request.z_upper), request.stride_z,
-                                 request.alpha, std::move(scale), request.batch,
-                                 static_cast<const T*>(request.preconditioner), request.stride_p, std::move(shift),
-                                 request.d_column_major != 0);
-    report = lobpcg(backend, op, request.batch, options, eigenvectors);
+    LoraDAGuidanceOperator<T> op(backend, static_cast<const T*>(request.d_transposed), n,
+                                 blas_int(request.d_out, "d_out"), request.stride_d,
+                                 static_cast<const T*>(request.z_upper), request.stride_z, request.alpha,
+                                 std::move(scale), batch, static_cast<const T*>(request.preconditioner),
+                                 request.stride_p, std::move(shift), request.d_column_major != 0);
+    report = lobpcg(backend, op, batch, options, eigenvectors);
   } else {
     throw BackendError("unknown operator kind");
   }

@@ -1,5 +1,6 @@
 // C entry point of the CPU backend.
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 
 #include "cpu_backend.hpp"
@@ -10,7 +11,8 @@ extern "C" int lora_da_cpu_solve(lora_da_solve_request* request, char* message, 
       [&]() {
         // Several problems: one per thread, each with single-threaded BLAS
         // (as many threads as OpenBLAS would use). One problem: OpenBLAS threads.
-        const int workers = std::min(request->batch, lora_da::OpenblasThreadsGuard::current());
+        const int workers =
+            int(std::min<std::int64_t>(request->batch, lora_da::OpenblasThreadsGuard::current()));
         lora_da::OpenblasThreadsGuard threads(workers > 1 ? 1 : lora_da::OpenblasThreadsGuard::current());
         if (request->dtype == LORA_DA_FLOAT64) {
           lora_da::CpuBackend<double> backend(workers);

@@ -1,5 +1,8 @@
 /* Plain C ABI between the pybind11 module and the solver entry points
- * (the CPU one in solve_cpu.cpp, the CUDA one in cuda_backend.cu). */
+ * (the CPU one in solve_cpu.cpp, the CUDA one in cuda_backend.cu).
+ * Sizes and strides are 64-bit; the solver narrows sizes to the 32-bit ints of
+ * the LP64 BLAS/LAPACK, cuBLAS and cuSOLVER interfaces after checking that they
+ * fit (solve.hpp), and computes products of sizes in 64 bits. */
 #ifndef LORA_DA_SOLVE_REQUEST_H
 #define LORA_DA_SOLVE_REQUEST_H
 
@@ -17,14 +20,14 @@ struct lora_da_solve_request {
   /* problem (all pointers into memory of the solving device, column-major) */
   int operator_kind;
   int dtype;
-  int batch;
-  int n;
+  int64_t batch;
+  int64_t n;
   const void* matrices; /* dense: batch x n x n, `matrix_stride` elements apart */
   int64_t matrix_stride;
   const void* d_transposed; /* guidance: Dᵀ, d_out x n (ld d_out) per problem; with d_column_major,
                                D itself, n x d_out (ld n) (a column-major torch tensor) */
   int d_column_major;
-  int d_out;
+  int64_t d_out;
   int64_t stride_d;
   const void* z_upper; /* guidance: U with Z = UᵀU, n x n; stride 0 = shared */
   int64_t stride_z;
@@ -37,16 +40,16 @@ struct lora_da_solve_request {
   int64_t stride_p;
   const double* preconditioner_shift;
   /* options */
-  int k;
-  int guard;
+  int64_t k;
+  int64_t guard; /* < 0 = default, max(k, 8) */
   int largest;
   int max_iter;
-  double tol;
+  double tol; /* <= 0 = default for the precision */
   uint64_t seed;
   /* optional start block: initial_cols columns (n x initial_cols column-major per problem,
    * initial_stride elements apart, solver dtype, on the solving device); NULL = random */
   const void* initial;
-  int initial_cols;
+  int64_t initial_cols;
   int64_t initial_stride;
   uintptr_t stream; /* CUDA stream handle (0 = legacy default stream) */
   /* outputs: eigenvectors on the device (batch x n x k), the rest on the host */
@@ -57,7 +60,7 @@ struct lora_da_solve_request {
   unsigned char* converged;
   double* norm_estimate; /* batch */
   int dense_fallback;
-  int block_size;
+  int64_t block_size;
   double tol_used;
 };
 

@@ -2,7 +2,7 @@
 in float64.
 
 Accuracy bounds checked (Davis–Kahan with the solver's stopping rule
-‖A x − θ x‖ ≤ tol·‖A‖_est for each of the k pairs):
+‖A x − θ x‖ ≤ max(tol·max|θ_block|, 100 ε ‖A‖_est) ≤ tol·‖A‖ for each of the k pairs):
   largest principal angle ≤ √k · tol · ‖A‖ / (λ_{k+1} − λ_k) · SAFETY
   |θ_j − λ_j| ≤ (tol · ‖A‖)² / gap + rounding, checked as ≤ 1e-6 · gap here;
 fp64 uses tol = 1e-10 (default), fp32 tol = 2e-4 (default); SAFETY = 10 covers
@@ -276,8 +276,6 @@ def test_initialize_redoes_failed_solves_densely(monkeypatch):
 def test_preconditioner_tames_an_ill_conditioned_input_factor():
     """Z with condition number 1e8 (as on real down_proj/o_proj inputs): Ω's spectrum
     spans ~βc·1e8; P = (βcZ⁻¹ + αI)⁻¹ must keep the answer exact and cut iterations."""
-    from lora_da.solvers import guidance_preconditioner
-
     generator = torch.Generator().manual_seed(7)
     n, d_out, batch = 256, 96, 3
     q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
@@ -287,17 +285,19 @@ def test_preconditioner_tames_an_ill_conditioned_input_factor():
     delta = torch.randn(batch, n, d_out, dtype=torch.float64, generator=generator)
     delta = delta / torch.linalg.matrix_norm(delta, ord=2).reshape(batch, 1, 1)
     scales = [1e-3, 3e-3, 1e-2]
-    plain = LoraDAOperator(delta, chol, alpha=1.0, variance_scale=scales)
+    alpha = 1.0
+    plain = LoraDAOperator(delta, chol, alpha=alpha, variance_scale=scales)
+    eye = torch.eye(n, dtype=torch.float64)
+    # the factor of P, built here independently of the library: M = βcI + αZ, M = L_M L_Mᵀ
+    shifted = torch.stack([s * eye + alpha * z for s in scales])
     preconditioned = LoraDAOperator(
-        delta, chol, alpha=1.0, variance_scale=scales,
-        preconditioner_cholesky=torch.stack([guidance_preconditioner(z, 1.0, s) for s in scales]),
-        preconditioner_shift=scales,
+        delta, chol, alpha=alpha, variance_scale=scales,
+        preconditioner_cholesky=torch.linalg.cholesky(shifted), preconditioner_shift=scales,
     )
     # the factored form is the SPD matrix (βcZ⁻¹ + αI)⁻¹ it stands for (float64: 1e-8 of its norm,
     # the subtraction I − βcM⁻¹ loses ~ε·cond(M) there)
-    eye = torch.eye(n, dtype=torch.float64)
     for index, s in enumerate(scales):
-        exact = torch.linalg.inv(s * torch.linalg.inv(z) + eye)
+        exact = torch.linalg.inv(s * torch.linalg.inv(z) + alpha * eye)
         got = preconditioned.dense_preconditioner()[index]
         assert (got - exact).abs().max() <= 1e-8 * exact.abs().max()
     fast = lobpcg(preconditioned, 8)
@@ -305,3 +305,200 @@ def test_preconditioner_tames_an_ill_conditioned_input_factor():
     assert fast.converged.all()
     check_against_eigh(plain.dense(), fast, 8)
     assert int(fast.iterations.max()) * 2 <= int(slow.iterations.max()), (fast.iterations, slow.iterations)
+
+
+# --------------------------------------------------------------------------
+# The named interface of the compiled core (DenseRequest / GuidanceRequest)
+# --------------------------------------------------------------------------
+
+
+def _core():
+    from lora_da._native import core
+
+    return core()
+
+
+def _guidance_fields(batch=2, n=60, d_out=20, k=3, seed=4):
+    """A valid GuidanceRequest's fields for a small LoRA-DA problem, and the tensors they point into."""
+    delta, chol = lora_da_problem(batch, n, d_out, seed=seed)
+    vectors = torch.empty(batch, k, n, dtype=torch.float64)
+    tensors = dict(delta=delta.contiguous(), chol=chol.contiguous(), vectors=vectors)
+    fields = dict(
+        delta=tensors["delta"].data_ptr(), delta_column_major=False, d_out=d_out, delta_stride=n * d_out,
+        cholesky=tensors["chol"].data_ptr(), cholesky_stride=n * n, alpha=1.0, variance_scale=[0.03] * batch,
+        batch=batch, n=n, dtype="float64", k=k, guard=None, largest=False, tol=None, max_iter=500, seed=0,
+        eigenvectors=vectors.data_ptr(), device="cpu", stream=0,
+    )
+    return fields, tensors
+
+
+def _one_line(excinfo):
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_named_requests_match_eigh_on_random_spd_problems():
+    """DenseRequest/GuidanceRequest built by hand: the answer of torch.linalg.eigh, and
+    bitwise what lora_da.solvers.lobpcg returns (which builds the same requests)."""
+    core = _core()
+    for seed, (batch, n, k) in enumerate([(3, 90, 4), (2, 160, 6)]):
+        a = symmetric(batch, n, seed=100 + seed, spd=True)
+        vectors = torch.empty(batch, k, n, dtype=torch.float64)
+        request = core.DenseRequest(
+            matrices=a.data_ptr(), matrix_stride=n * n, batch=batch, n=n, dtype="float64", k=k, guard=None,
+            largest=False, tol=None, max_iter=500, seed=0, eigenvectors=vectors.data_ptr(), device="cpu", stream=0,
+        )
+        report = core.lobpcg_dense(request)
+        assert all(report["converged"]) and not report["dense_fallback"]
+        ours = vectors.transpose(-1, -2)
+        values = torch.tensor(report["eigenvalues"], dtype=torch.float64).reshape(batch, k)
+        reference = lobpcg(a, k)
+        assert torch.equal(ours, reference.eigenvectors) and torch.equal(values, reference.eigenvalues)
+        check_against_eigh(a, reference, k)
+
+    fields, tensors = _guidance_fields()
+    report = core.lobpcg_guidance(core.GuidanceRequest(**fields))
+    op = LoraDAOperator(tensors["delta"], tensors["chol"], alpha=1.0, variance_scale=0.03)
+    reference = lobpcg(op, 3)
+    assert torch.equal(tensors["vectors"].transpose(-1, -2), reference.eigenvectors)
+    assert report["eigenvalues"] == reference.eigenvalues.reshape(-1).tolist()
+    check_against_eigh(op.dense(), reference, 3)
+
+
+# Fields without which a solve is not described: each must be passed by name.
+GUIDANCE_REQUIRED = {
+    "delta", "delta_column_major", "d_out", "delta_stride", "cholesky", "cholesky_stride", "alpha",
+    "variance_scale", "batch", "n", "dtype", "k", "guard", "largest", "tol", "max_iter", "seed",
+    "eigenvectors", "device", "stream",
+}
+
+
+def test_request_fields_are_required():
+    core = _core()
+    assert set(core.GuidanceRequest.required_fields) == GUIDANCE_REQUIRED
+    assert set(core.DenseRequest.required_fields) == (GUIDANCE_REQUIRED - {
+        "delta", "delta_column_major", "d_out", "delta_stride", "cholesky", "cholesky_stride", "alpha",
+        "variance_scale"}) | {"matrices", "matrix_stride"}
+    fields, _ = _guidance_fields()
+    for name in sorted(GUIDANCE_REQUIRED):
+        partial = {key: value for key, value in fields.items() if key != name}
+        with pytest.raises(TypeError, match=f"GuidanceRequest: missing field\\(s\\) '{name}'$") as excinfo:
+            core.GuidanceRequest(**partial)
+        _one_line(excinfo)
+
+
+def test_misspelled_request_field_is_an_error():
+    core = _core()
+    fields, _ = _guidance_fields()
+    fields["cholesky_strid"] = fields.pop("cholesky_stride")
+    with pytest.raises(TypeError, match="GuidanceRequest: unknown field 'cholesky_strid'") as excinfo:
+        core.GuidanceRequest(**fields)
+    _one_line(excinfo)
+    fields["cholesky_stride"] = fields.pop("cholesky_strid")
+    request = core.GuidanceRequest(**fields)
+    with pytest.raises(AttributeError):
+        request.cholesky_strid = 0
+    with pytest.raises(TypeError, match="keyword arguments only"):
+        core.GuidanceRequest(fields["delta"])
+    assert request.cholesky_stride == fields["cholesky_stride"] and "cholesky_stride=3600" in repr(request)
+
+
+@pytest.mark.parametrize(
+    "name,value,expected",
+    [
+        ("n", 60.0, "GuidanceRequest.n must be an int, got float"),
+        ("k", True, "GuidanceRequest.k must be an int, got bool"),
+        ("delta_column_major", 0, "GuidanceRequest.delta_column_major must be a bool, got int"),
+        ("alpha", "1", "GuidanceRequest.alpha must be a float, got str"),
+        ("variance_scale", 0.03, "GuidanceRequest.variance_scale must be a list of floats, got float"),
+        ("variance_scale", [0.03, "x"], r"GuidanceRequest.variance_scale\[1\] must be a float, got str"),
+        ("dtype", torch.float64, "GuidanceRequest.dtype must be a str, got torch.dtype"),
+        ("seed", -1, "GuidanceRequest.seed=-1 must be >= 0"),
+        ("delta_stride", 2**70, "GuidanceRequest.delta_stride=.* does not fit in 64 bits"),
+    ],
+)
+def test_request_field_of_the_wrong_type(name, value, expected):
+    core = _core()
+    fields, _ = _guidance_fields()
+    fields[name] = value
+    with pytest.raises((TypeError, ValueError), match=expected) as excinfo:
+        core.GuidanceRequest(**fields)
+    _one_line(excinfo)
+    request = core.GuidanceRequest(**_guidance_fields()[0])
+    with pytest.raises((TypeError, ValueError), match=expected):  # the same check on assignment
+        setattr(request, name, value)
+
+
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        (dict(k=0), r"GuidanceRequest.k=0 must lie in \[1, 60\]"),
+        (dict(k=61), r"GuidanceRequest.k=61 must lie in \[1, 60\]"),
+        (dict(batch=0), r"GuidanceRequest.batch=0 must lie in \[1, 2147483647\]"),
+        (dict(n=2**31),
+         r"GuidanceRequest.n=2147483648 must lie in \[1, 2147483647\] \(the 32-bit size range of BLAS\)"),
+        (dict(d_out=0), r"GuidanceRequest.d_out=0 must lie in"),
+        (dict(guard=-1), r"GuidanceRequest.guard=-1 must lie in \[0, 2147483647\]"),
+        (dict(guard=2**31), r"GuidanceRequest.guard=2147483648 must lie in"),
+        (dict(max_iter=-1), r"GuidanceRequest.max_iter=-1 must lie in \[0, "),
+        (dict(tol=0.0), r"GuidanceRequest.tol=0.0+ must be finite and > 0"),
+        (dict(tol=float("nan")), r"GuidanceRequest.tol=nan must be finite"),
+        (dict(dtype="float16"), r"GuidanceRequest.dtype='float16' must be 'float32' or 'float64'"),
+        (dict(device="tpu"), r"GuidanceRequest.device='tpu' must be 'cpu' or 'cuda'"),
+        (dict(stream=7), r"GuidanceRequest.stream must be 0 on the CPU"),
+        (dict(delta=0), r"GuidanceRequest.delta is a null address"),
+        (dict(eigenvectors=0), r"GuidanceRequest.eigenvectors is a null address"),
+        (dict(cholesky_stride=-5), r"GuidanceRequest.cholesky_stride=-5 must be >= 0"),
+        (dict(alpha=float("inf")), r"GuidanceRequest.alpha=inf must be finite"),
+        (dict(variance_scale=[0.03]), r"GuidanceRequest.variance_scale needs one value per problem \(batch=2\), got 1"),
+        (dict(variance_scale=[0.03, float("nan")]), r"GuidanceRequest.variance_scale\[1\]=nan must be finite"),
+        (dict(preconditioner_shift=[0.1, 0.1]), r"preconditioner_shift is given without preconditioner_cholesky"),
+        (dict(preconditioner_cholesky=1, preconditioner_shift=[0.1]), r"preconditioner_shift needs one value per"),
+        (dict(preconditioner_cholesky=1, preconditioner_shift=[0.1, 0.1], alpha=-1.0),
+         r"GuidanceRequest.alpha=-1.0+ must be > 0 with a preconditioner"),
+        (dict(initial_cols=2), r"GuidanceRequest.initial_cols=2 is given without initial"),
+        (dict(initial=1, initial_cols=-1), r"GuidanceRequest.initial_cols=-1 must lie in"),
+    ],
+)
+def test_bad_request_values_name_the_field(changes, expected):
+    core = _core()
+    fields, _ = _guidance_fields()
+    with pytest.raises(ValueError, match=expected) as excinfo:
+        core.GuidanceRequest(**{**fields, **changes})
+    _one_line(excinfo)
+    # fields stay writable: the solve checks them again
+    request = core.GuidanceRequest(**fields)
+    for name, value in changes.items():
+        setattr(request, name, value)
+    with pytest.raises(ValueError, match=expected):
+        core.lobpcg_guidance(request)
+
+
+def test_dense_request_values_are_checked():
+    core = _core()
+    a = symmetric(1, 30, seed=2)
+    vectors = torch.empty(1, 2, 30, dtype=torch.float64)
+    fields = dict(matrices=a.data_ptr(), matrix_stride=900, batch=1, n=30, dtype="float64", k=2, guard=None,
+                  largest=False, tol=None, max_iter=500, seed=0, eigenvectors=vectors.data_ptr(), device="cpu",
+                  stream=0)
+    core.lobpcg_dense(core.DenseRequest(**fields))
+    with pytest.raises(ValueError, match=r"DenseRequest.matrix_stride=-1 must be >= 0"):
+        core.DenseRequest(**{**fields, "matrix_stride": -1})
+    with pytest.raises(ValueError, match=r"DenseRequest.matrices is a null address"):
+        core.DenseRequest(**{**fields, "matrices": 0})
+    with pytest.raises(TypeError, match=r"DenseRequest: unknown field 'delta'"):
+        core.DenseRequest(**fields, delta=1)
+
+
+def test_guard_is_checked_and_block_sizes_are_64_bit():
+    a = symmetric(2, 20, seed=6)
+    with pytest.raises(ValueError, match=r"guard=-3 must lie in"):
+        lobpcg(a, 2, guard=-3)
+    with pytest.raises(ValueError, match=r"guard=4294967296 must lie in"):
+        lobpcg(a, 2, guard=2**32)
+    # 5 (k + guard) exceeds the int range: computed in 32 bits it wrapped around to a
+    # negative number, and the solver tried to allocate a block of 5e8 vectors
+    result = lobpcg(a, 2, guard=500_000_000)
+    assert result.dense_fallback and result.block_size == 20
+    check_against_eigh(a, result, 2, tol=1e-13)

@@ -45,7 +45,7 @@ DEFAULT_MAX_ITER = 500
 
 @dataclass
 class LoraDAOperator:
-    """LoRA-DA's Initialization Guidance Matrix as an operator (SPEC.md step 4),
+    """LoRA-DA's Initialization Guidance Matrix as an operator (docs/math.md §5.3),
 
         Ω v = −α D (Dᵀ v) + variance_scale · Z⁻¹ v,
 
@@ -61,8 +61,9 @@ class LoraDAOperator:
     alpha: float
     variance_scale: Union[float, Sequence[float], torch.Tensor]
     # Optional preconditioner P = (s Z⁻¹ + αI)⁻¹ = (I − s M⁻¹)/α, given factored: the lower
-    # Cholesky factor of M = sI + αZ ((*batch, d_in, d_in), see guidance_preconditioner)
-    # and one shift s per problem (s ≈ βc; P need not be exact). Needs α > 0.
+    # Cholesky factor of M = sI + αZ ((*batch, d_in, d_in), see
+    # lora_da.batched.guidance_preconditioners) and one shift s per problem (s ≈ βc;
+    # P need not be exact). Needs α > 0.
     preconditioner_cholesky: Optional[torch.Tensor] = None
     preconditioner_shift: Union[None, float, Sequence[float], torch.Tensor] = None
 
@@ -105,23 +106,6 @@ class LoraDAOperator:
         factor = self.cholesky.to(torch.float64).expand(*d.shape[:-2], -1, -1)
         variance = torch.cholesky_solve(v, factor.mT, upper=True)  # row-major L = column-major Lᵀ: no transposing copy
         return -self.alpha * bias + scale * variance
-
-
-def guidance_preconditioner(input_factor: torch.Tensor, alpha: float, variance_scale: float) -> torch.Tensor:
-    """The factor of ``P = (βc Z⁻¹ + α I)⁻¹ = (I − βc M⁻¹)/α``: the lower Cholesky
-    factor of ``M = βc I + α Z`` in float64 (``Z`` damped, ``α > 0``; batched
-    inputs ``(*B, n, n)`` allowed); ``variance_scale`` is ``βc``.
-
-    Ω's spectrum is wide where ``Z`` is small (``βc/z`` there); ``P`` scales those
-    directions by ``z/(βc + αz)`` and is ``≈ I/α`` where ``Z`` is large, so the
-    preconditioned operator has a bounded spectrum and LOBPCG needs few iterations.
-    The solver applies ``P`` with two triangular solves; it is never formed.
-    """
-    if not alpha > 0:
-        raise ValueError(f"the preconditioner needs alpha > 0, got {alpha}")
-    shifted = alpha * input_factor.to(torch.float64)
-    shifted.diagonal(dim1=-2, dim2=-1).add_(variance_scale)  # M = βcI + αZ, positive definite for α > 0
-    return torch.linalg.cholesky(shifted)
 
 
 def failed_eigenpairs(operator: LoraDAOperator, result: "LobpcgResult", safety: float = 100.0) -> torch.Tensor:
@@ -235,7 +219,7 @@ def lobpcg(
             ``≤ √k · threshold / (λ_{k+1} − λ_k)``.
         max_iter: iteration cap; problems that hit it report ``converged=False``.
         seed: the random start block is drawn from this seed (per problem).
-        guard: guard vectors beyond k (default ``max(k, 8)``); when
+        guard: guard vectors beyond k (``>= 0``; default ``max(k, 8)``); when
             ``n < 5·(k + guard)`` a dense eigensolver runs instead (there LOBPCG's
             basis nearly fills the space and gains nothing).
         initial: optional start vectors ``(*B, n, j)`` (:class:`LoraDAOperator` only):
@@ -249,8 +233,14 @@ def lobpcg(
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     from ._native import core
 
-    guard_arg = -1 if guard is None else int(guard)
-    tol_arg = -1.0 if tol is None else float(tol)
+    # fields of both requests (see csrc/bindings.cpp); guard/tol None = the solver's default
+    options = dict(
+        guard=None if guard is None else int(guard),
+        largest=bool(largest),
+        tol=None if tol is None else float(tol),
+        max_iter=int(max_iter),
+        seed=int(seed),
+    )
     if isinstance(matrix_or_operator, LoraDAOperator):
         op = matrix_or_operator
         delta = op.delta
@@ -277,7 +267,7 @@ def lobpcg(
         if scale.numel() != batch:
             raise ValueError(f"variance_scale needs 1 or {batch} values, got {scale.numel()}")
         device, stream = _device_and_stream(d_flat)
-        preconditioner_ptr, stride_p, shifts = 0, n * n, []
+        preconditioner_fields = {}
         if op.preconditioner_cholesky is not None:
             if not op.alpha > 0:
                 raise ValueError(f"the preconditioner needs alpha > 0, got {op.alpha}")
@@ -294,11 +284,15 @@ def lobpcg(
                 shift = shift.expand(batch)
             if shift.numel() != batch:
                 raise ValueError(f"preconditioner_shift needs 1 or {batch} values, got {shift.numel()}")
-            preconditioner_ptr, shifts = preconditioner.data_ptr(), [float(v) for v in shift.tolist()]
+            preconditioner_fields = dict(
+                preconditioner_cholesky=preconditioner.data_ptr(),
+                preconditioner_stride=stride_p,
+                preconditioner_shift=[float(v) for v in shift.tolist()],
+            )
         k = int(k)
         if not 1 <= k <= n:
             raise ValueError(f"k={k} must lie in [1, {n}]")
-        initial_ptr, initial_cols, start = 0, 0, None
+        initial_fields, start = {}, None
         if initial is not None:
             if initial.dim() < 2 or initial.shape[:-2] != batch_shape or initial.shape[-2] != n:
                 raise ValueError(
@@ -308,16 +302,20 @@ def lobpcg(
             start = initial.to(device=d_flat.device, dtype=dtype).reshape(batch, n, -1).transpose(-1, -2).contiguous()
             if not bool(torch.isfinite(start).all()):
                 raise FloatingPointError("initial start vectors are not finite")
-            initial_ptr, initial_cols = start.data_ptr(), start.shape[1]
-        vectors = torch.empty(batch, k, n, dtype=dtype, device=d_flat.device)
-        with torch.cuda.device(d_flat.device) if device == "cuda" else contextlib.nullcontext():
-            report = core().lobpcg_guidance(
-                d_flat.data_ptr(), batch, n, d_out, stride_d, cholesky_flat.data_ptr(), stride_z,
-                float(op.alpha), [float(v) for v in scale.tolist()], str(dtype).replace("torch.", ""),
-                k, guard_arg, bool(largest), tol_arg, int(max_iter), int(seed), vectors.data_ptr(), device, stream,
-                preconditioner_ptr, stride_p, shifts, d_column_major, initial_ptr, initial_cols,
-                n * initial_cols,
+            initial_fields = dict(
+                initial=start.data_ptr(), initial_cols=start.shape[1], initial_stride=n * start.shape[1]
             )
+        vectors = torch.empty(batch, k, n, dtype=dtype, device=d_flat.device)
+        request = core().GuidanceRequest(
+            delta=d_flat.data_ptr(), delta_column_major=d_column_major, d_out=d_out, delta_stride=stride_d,
+            cholesky=cholesky_flat.data_ptr(), cholesky_stride=stride_z,
+            alpha=float(op.alpha), variance_scale=[float(v) for v in scale.tolist()],
+            **preconditioner_fields, **initial_fields,
+            batch=batch, n=n, dtype=str(dtype).replace("torch.", ""), k=k, **options,
+            eigenvectors=vectors.data_ptr(), device=device, stream=stream,
+        )
+        with torch.cuda.device(d_flat.device) if device == "cuda" else contextlib.nullcontext():
+            report = core().lobpcg_guidance(request)
     else:
         if initial is not None:
             raise ValueError("initial start vectors are supported for a LoraDAOperator only")
@@ -334,11 +332,13 @@ def lobpcg(
         if not 1 <= k <= n:
             raise ValueError(f"k={k} must lie in [1, {n}]")
         vectors = torch.empty(batch, k, n, dtype=dtype, device=flat.device)
+        request = core().DenseRequest(
+            matrices=flat.data_ptr(), matrix_stride=n * n,
+            batch=batch, n=n, dtype=str(dtype).replace("torch.", ""), k=k, **options,
+            eigenvectors=vectors.data_ptr(), device=device, stream=stream,
+        )
         with torch.cuda.device(flat.device) if device == "cuda" else contextlib.nullcontext():
-            report = core().lobpcg_dense(
-                flat.data_ptr(), batch, n, n * n, str(dtype).replace("torch.", ""), k, guard_arg, bool(largest),
-                tol_arg, int(max_iter), int(seed), vectors.data_ptr(), device, stream,
-            )
+            report = core().lobpcg_dense(request)
     target = vectors.device
     return LobpcgResult(
         eigenvalues=torch.tensor(report["eigenvalues"], dtype=dtype).reshape(*batch_shape, k).to(target),
