@@ -13,6 +13,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._native import core
+
 EIGH_BACKEND = "torch.linalg.eigh (float64)"
 
 
@@ -231,8 +233,6 @@ def lobpcg(
         raise ValueError(f"tol must be positive, got {tol}")
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
-    from ._native import core
-
     # fields of both requests (see csrc/bindings.cpp); guard/tol None = the solver's default
     options = dict(
         guard=None if guard is None else int(guard),

@@ -252,17 +252,17 @@ def test_failed_eigenpairs_flags_bad_results():
 def test_initialize_redoes_failed_solves_densely(monkeypatch):
     pytest.importorskip("transformers")
     import lora_da
-    import lora_da.api as api
+    import lora_da.methods.lora_da as lora_da_method
     from lora_da.models import batches, synthetic_samples, tiny_llama
 
-    real = api.lobpcg
+    real = lora_da_method.lobpcg
 
     def sabotaged(operator, k, **kwargs):
         result = real(operator, k, **kwargs)
         result.converged[0] = False
         return result
 
-    monkeypatch.setattr(api, "lobpcg", sabotaged)
+    monkeypatch.setattr(lora_da_method, "lobpcg", sabotaged)
     data = list(batches(synthetic_samples(8, seed=2), 4))
     model = tiny_llama(hidden_size=128, intermediate_size=256, num_layers=1)
     with pytest.warns(RuntimeWarning, match="failed the residual/orthonormality check"):
