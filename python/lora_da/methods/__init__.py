@@ -26,14 +26,14 @@ from .base import METHODS, Method
 
 # The registry: importing a method's file registers its METHOD, in this order
 # (the order the command line lists them). Adding a method is its file plus one line here.
-from . import lora_da  # noqa: F401
-from . import lora  # noqa: F401
-from . import pissa  # noqa: F401
-from . import milora  # noqa: F401
-from . import lora_ga  # noqa: F401
-from . import lora_one  # noqa: F401
-from . import cntlora  # noqa: F401
-from . import fisher_subspace  # noqa: F401
+from . import lora_da  # noqa: F401 (registers it)
+from . import lora  # noqa: F401 (registers it)
+from . import pissa  # noqa: F401 (registers it)
+from . import milora  # noqa: F401 (registers it)
+from . import lora_ga  # noqa: F401 (registers it)
+from . import lora_one  # noqa: F401 (registers it)
+from . import cntlora  # noqa: F401 (registers it)
+from . import fisher_subspace  # noqa: F401 (registers it)
 
 
 def get_method(name: str) -> Method:
@@ -49,4 +49,4 @@ def resolve_options(name: str, options: Optional[Mapping[str, float]]) -> Any:
     return get_method(name).resolve_options(options)
 
 
-__all__ = ["METHODS", "Method", "get_method", "resolve_options"]  # and the method modules above
+__all__ = ["METHODS", "Method", "get_method", "resolve_options"]

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Pro
 from torch import nn
 
 from ..layers import require_float_weight
-from ..module_init import ModuleInit
+from ..module_init import ModuleInit, make_module_init
 from ..statistics import KFACStatistics
 
 # What a method reads from the data (Method.statistics).
@@ -81,6 +81,19 @@ class Solution(NamedTuple):
 
     modules: Dict[str, ModuleInit]
     backend: str
+
+
+def solve_each(context: SolveContext, label: str, factors: Callable[[str], tuple]) -> Solution:
+    """A solve that treats each module on its own: ``factors(name)`` returns
+    ``(lora_A, lora_B, values, sigma)`` (values: the method's singular values), in
+    ``context.names`` order; the backend is reported as ``"<label> (torch.linalg, float64)"``."""
+    result = {}
+    for name in context.names:
+        lora_A, lora_B, values, sigma = factors(name)
+        result[name] = make_module_init(
+            name, lora_A, lora_B, values, sigma, input_group=context.input_group(name)
+        )
+    return Solution(result, f"{label} (torch.linalg, float64)")
 
 
 class PhaseClock:

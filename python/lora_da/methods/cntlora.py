@@ -15,8 +15,7 @@ from typing import Tuple
 import torch
 
 from ..layers import weight_matrix
-from ..module_init import make_module_init
-from .base import FORWARD_STATISTICS, Method, Solution, SolveContext, register
+from .base import FORWARD_STATISTICS, Method, Solution, SolveContext, register, solve_each
 from .linalg import signed_pairs, svd, symmetric_powers
 
 
@@ -108,16 +107,15 @@ def cntlora_factors(
 
 def solve(context: SolveContext) -> Solution:
     options = context.options
-    result = {}
-    for name in context.names:
+
+    def factors(name: str) -> tuple:
         weight = weight_matrix(name, context.targets[name])
         lora_A, lora_B, values = cntlora_factors(
             weight, context.statistics.input_factor(name), context.settings.rank, options.energy, options.shrinkage
         )
-        result[name] = make_module_init(
-            name, lora_A, lora_B, values, float(values[0]), input_group=context.input_group(name)
-        )
-    return Solution(result, "cntlora (torch.linalg, float64)")
+        return lora_A, lora_B, values, float(values[0])
+
+    return solve_each(context, "cntlora", factors)
 
 
 METHOD = register(

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from ..layers import linear_dims
-from ..module_init import make_module_init
-from .base import NO_STATISTICS, Method, Solution, SolveContext, register
+from .base import NO_STATISTICS, Method, Solution, SolveContext, register, solve_each
 
 
 def kaiming_lora_factors(d_in: int, d_out: int, rank: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -26,12 +25,13 @@ def kaiming_lora_factors(d_in: int, d_out: int, rank: int, generator: torch.Gene
 def solve(context: SolveContext) -> Solution:
     """One generator seeded with ``seed``, drawing the modules in model order."""
     generator = torch.Generator().manual_seed(context.settings.seed)
-    result = {}
-    for name in context.names:
+
+    def factors(name: str) -> tuple:
         d_in, d_out = linear_dims(context.targets[name])
         lora_A, lora_B = kaiming_lora_factors(d_in, d_out, context.settings.rank, generator)
-        result[name] = make_module_init(name, lora_A, lora_B, torch.zeros(0), 0.0)
-    return Solution(result, "lora (torch.linalg, float64)")
+        return lora_A, lora_B, torch.zeros(0), 0.0
+
+    return solve_each(context, "lora", factors)
 
 
 METHOD = register(

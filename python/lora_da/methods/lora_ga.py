@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from ..layers import linear_dims
-from ..module_init import make_module_init
 from ..solvers import fix_column_signs
-from .base import FULL_STATISTICS, Method, Solution, SolveContext, register
+from .base import FULL_STATISTICS, Method, Solution, SolveContext, register, solve_each
 from .linalg import signed_pairs, svd
 
 
@@ -57,14 +56,12 @@ def check(targets: Dict[str, nn.Module], rank: int, options: LoraGAOptions) -> N
 
 
 def solve(context: SolveContext) -> Solution:
-    result = {}
-    for name in context.names:
+    def factors(name: str) -> tuple:
         gradient = context.statistics.gradient(name)
         lora_A, lora_B, values = lora_ga_factors(gradient, context.settings.rank, context.options.stable_gamma)
-        result[name] = make_module_init(
-            name, lora_A, lora_B, values, float(values[0]), input_group=context.input_group(name)
-        )
-    return Solution(result, "lora-ga (torch.linalg, float64)")
+        return lora_A, lora_B, values, float(values[0])
+
+    return solve_each(context, "lora-ga", factors)
 
 
 METHOD = register(

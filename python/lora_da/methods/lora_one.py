@@ -13,8 +13,7 @@ from typing import Tuple
 
 import torch
 
-from ..module_init import make_module_init
-from .base import FULL_STATISTICS, Method, Solution, SolveContext, register
+from .base import FULL_STATISTICS, Method, Solution, SolveContext, register, solve_each
 from .linalg import signed_pairs, svd
 
 
@@ -40,14 +39,12 @@ def lora_one_factors(gradient: torch.Tensor, rank: int, stable_gamma: float) -> 
 
 
 def solve(context: SolveContext) -> Solution:
-    result = {}
-    for name in context.names:
+    def factors(name: str) -> tuple:
         gradient = context.statistics.gradient(name)
         lora_A, lora_B, values = lora_one_factors(gradient, context.settings.rank, context.options.stable_gamma)
-        result[name] = make_module_init(
-            name, lora_A, lora_B, values, float(values[0]), input_group=context.input_group(name)
-        )
-    return Solution(result, "lora-one (torch.linalg, float64)")
+        return lora_A, lora_B, values, float(values[0])
+
+    return solve_each(context, "lora-one", factors)
 
 
 METHOD = register(

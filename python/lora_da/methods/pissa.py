@@ -12,8 +12,7 @@ from typing import Tuple
 import torch
 
 from ..layers import weight_matrix
-from ..module_init import make_module_init
-from .base import NO_STATISTICS, Method, Solution, SolveContext, register
+from .base import NO_STATISTICS, Method, Solution, SolveContext, register, solve_each
 from .linalg import signed_pairs, svd
 
 
@@ -29,12 +28,13 @@ def weight_svd_factors(weight: torch.Tensor, rank: int, minor: bool) -> Tuple[to
 
 def solve_weight_svd(context: SolveContext, minor: bool, label: str) -> Solution:
     """PiSSA's and MiLoRA's shared solve: one SVD of each module's ``W``."""
-    result = {}
-    for name in context.names:
+
+    def factors(name: str) -> tuple:
         weight = weight_matrix(name, context.targets[name])
         lora_A, lora_B, values = weight_svd_factors(weight, context.settings.rank, minor=minor)
-        result[name] = make_module_init(name, lora_A, lora_B, values, float(values.max()))
-    return Solution(result, f"{label} (torch.linalg, float64)")
+        return lora_A, lora_B, values, float(values.max())
+
+    return solve_each(context, label, factors)
 
 
 def solve(context: SolveContext) -> Solution:
