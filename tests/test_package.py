@@ -194,3 +194,37 @@ def test_method_options_are_frozen_dataclasses_of_numbers(name):
             setattr(options, field.name, 1.0)
         raise dataclasses.FrozenInstanceError("no fields")
     assert all(isinstance(value, float) for value in dataclasses.asdict(options).values())
+
+
+def readme_module_levels() -> Dict[str, int]:
+    """The README's table of modules "from the entry point down": module -> row."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("The modules of `python/lora_da/`") :]
+    levels: Dict[str, int] = {}
+    for row, line in enumerate(line for line in section.splitlines()[4:] if line.startswith("|")):
+        for cell in line.split("|")[1].split(","):
+            levels["lora_da." + cell.strip().strip("`").rstrip("/")] = row
+        if not line.startswith("|"):
+            break
+    return levels
+
+
+def _top(module: str, levels: Dict[str, int]) -> str:
+    return module if module in levels else ".".join(module.split(".")[:2])
+
+
+def test_imports_follow_the_readme_module_table():
+    """Each module imports only modules of its own row or below in README's table."""
+    levels = readme_module_levels()
+    graph, _ = import_graph()
+    upward = [
+        (module, target)
+        for module, targets in graph.items()
+        for target in targets
+        if _top(module, levels) in levels
+        and _top(target, levels) in levels
+        and levels[_top(target, levels)] < levels[_top(module, levels)]
+    ]
+    assert not upward, upward
+    unlisted = {_top(m, levels) for m in graph} - set(levels) - {"lora_da", "lora_da.__main__"}
+    assert not unlisted, f"modules missing from README's table: {sorted(unlisted)}"
