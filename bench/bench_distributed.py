@@ -9,8 +9,8 @@ the single process gets all batches and one thread. Prints a table.
 import argparse
 import os
 import socket
+import sys
 import tempfile
-import time
 from datetime import timedelta
 
 import torch
@@ -19,6 +19,9 @@ import torch.multiprocessing as mp
 
 import lora_da
 from lora_da.models import batches, synthetic_samples, tiny_llama
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import Timer, markdown_table  # noqa: E402
 
 
 def make(args):
@@ -31,9 +34,9 @@ def make(args):
 
 
 def run_init(model, data, args):
-    start = time.perf_counter()
-    init = lora_da.initialize(model, data, rank=8, train_size=1000, progress=False)
-    return init, time.perf_counter() - start
+    with Timer() as timer:
+        init = lora_da.initialize(model, data, rank=8, train_size=1000, progress=False)
+    return init, timer.seconds
 
 
 def rank_main(rank, world, port, args, out):
@@ -74,13 +77,19 @@ def main():
     worst_sigma = max(abs(multi["factors"][n][2] - m.sigma) / m.sigma for n, m in single.modules.items())
     print(f"tiny Llama float64: {args.layers} layers, hidden {args.hidden}, {args.samples} samples, "
           f"{len(single.modules)} modules, {single.num_tokens} tokens; 1 thread per process")
-    print("| processes | init wall s | statistics s | all-reduce s | solve s | gather s |")
-    print("|---|---|---|---|---|---|")
-    t = single.timings
-    print(f"| 1 | {single_seconds:.3f} | {t['statistics']:.3f} | - | {t['solve']:.3f} | - |")
-    t = multi["timings"]
-    print(f"| {args.world} | {multi['seconds']:.3f} | {t['statistics']:.3f} | {t['all_reduce']:.3f} | "
-          f"{t['solve']:.3f} | {t['gather']:.3f} |")
+    # LoraInit.timings phases: the statistics pass is forward_backward + statistics_accumulate,
+    # the solve factor_prep + solve.
+    def seconds(t, *phases):
+        return f"{sum(t[p] for p in phases):.3f}"
+
+    rows = []
+    for processes, wall, t in ((1, single_seconds, single.timings), (args.world, multi["seconds"], multi["timings"])):
+        rows.append([
+            processes, f"{wall:.3f}", seconds(t, "forward_backward", "statistics_accumulate"),
+            seconds(t, "all_reduce") if "all_reduce" in t else "-", seconds(t, "factor_prep", "solve"),
+            seconds(t, "gather") if "gather" in t else "-",
+        ])
+    print(markdown_table(["processes", "init wall s", "statistics s", "all-reduce s", "solve s", "gather s"], rows))
     print(f"max relative difference vs 1 process: lora_A {worst_factor:.2e} (float32 factors), sigma {worst_sigma:.2e}")
 
 

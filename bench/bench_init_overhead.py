@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import platform
-import time
 import warnings
 from typing import Dict, List, Tuple
 
@@ -37,6 +36,7 @@ from lora_da.cli.bench import plain_pass_seconds
 from lora_da.models import batches
 
 from published_baseline import eigh_subspace, largest_angle, module_type, published_initialize
+from timing import Timer
 
 RANK = 8
 
@@ -217,6 +217,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    start = time.perf_counter()
-    main()
-    print(f"(benchmark wall time {time.perf_counter() - start:.0f} s)")
+    with Timer() as wall:
+        main()
+    print(f"(benchmark wall time {wall.seconds:.0f} s)")

@@ -19,10 +19,14 @@ same work done by
 FLOPs: Z counts ``T·d_in²`` (half of the ``2·T·d_in²`` of a full product, since only
 the upper triangle is computed), G counts ``2·T·d_out·d_in``. The device's bf16
 throughput is measured with a square 8192³ ``torch.matmul`` and with the same-shape
-``aᵀa`` product; the kernel's fraction of it is reported.
+``aᵀa`` product; the kernel's fraction of it is reported. Times: median of a few runs,
+``perf_counter`` with a CUDA synchronize at both ends (``bench/timing.py``).
 
 Usage: ``python bench/bench_kfac_kernels.py [--tokens N] [--dims 4096 11008] [--save]``;
 ``--save`` writes ``bench/results/kfac_kernels_<gpu>.json`` and ``.md``.
+``--smoke``: tiny shapes, to check that the script runs; without CUDA it runs the
+kernels under the Triton interpreter (``TRITON_INTERPRET=1``), and its numbers mean nothing.
+The batched Ω kernel has its own script, ``bench/bench_omega_kernel.py``.
 """
 
 from __future__ import annotations
@@ -37,36 +41,29 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import markdown_table, timed  # noqa: E402
 
-def cuda_time(fn, *, warmup: int = 2, repeat: int = 5) -> float:
-    """Median seconds of ``fn()`` over ``repeat`` runs, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
+DEVICE = "cuda"  # "cpu" in --smoke runs without a GPU (Triton interpreter)
+
+
+def device_time(fn, *, warmup: int = 2, repeat: int = 5) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs (CUDA work waited for)."""
+    return timed(fn, warmup=warmup, repeat=repeat, device=DEVICE).median
 
 
 def measured_bf16_tflops(size: int = 8192) -> float:
-    x = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    seconds = cuda_time(lambda: torch.matmul(x, y), repeat=10)
+    x = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
+    y = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
+    seconds = device_time(lambda: torch.matmul(x, y), repeat=10)
     return 2 * size**3 / seconds / 1e12
 
 
 def bench_input_factor(tokens: int, d_in: int, kernels, reference) -> dict:
-    a = torch.randn(tokens, d_in, device="cuda", dtype=torch.bfloat16)
-    mask = torch.rand(tokens, device="cuda") < 0.65
+    a = torch.randn(tokens, d_in, device=DEVICE, dtype=torch.bfloat16)
+    mask = torch.rand(tokens, device=DEVICE) < 0.65
     weights = mask.to(torch.float32)
-    z = torch.zeros(d_in, d_in, device="cuda", dtype=torch.float32)
+    z = torch.zeros(d_in, d_in, device=DEVICE, dtype=torch.float32)
     flops_half = tokens * d_in * d_in
     flops_full = 2 * tokens * d_in * d_in
 
@@ -86,23 +83,24 @@ def bench_input_factor(tokens: int, d_in: int, kernels, reference) -> dict:
         torch.matmul(a_masked.T, a)
 
     row = {"case": "Z", "tokens": tokens, "d_in": d_in, "d_out": None}
-    row["triton_s"] = cuda_time(triton_z)
-    row["gather_fp32_addmm_s"] = cuda_time(gather_fp32_addmm, warmup=1, repeat=3)
-    row["bf16_matmul_s"] = cuda_time(bf16_matmul)
-    row["bf16_same_shape_tflops"] = flops_full / cuda_time(same_shape_bf16) / 1e12
+    row["triton_s"] = device_time(triton_z)
+    row["gather_fp32_addmm_s"] = device_time(gather_fp32_addmm, warmup=1, repeat=3)
+    row["bf16_matmul_s"] = device_time(bf16_matmul)
+    row["bf16_same_shape_tflops"] = flops_full / device_time(same_shape_bf16) / 1e12
     row["triton_tflops"] = flops_half / row["triton_s"] / 1e12
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
 def bench_full_update(tokens: int, d_in: int, d_out: int, kernels, reference) -> dict:
-    a = torch.randn(tokens, d_in, device="cuda", dtype=torch.bfloat16)
-    g = torch.randn(tokens, d_out, device="cuda", dtype=torch.bfloat16) * 1e-3
-    mask = torch.rand(tokens, device="cuda") < 0.65
+    a = torch.randn(tokens, d_in, device=DEVICE, dtype=torch.bfloat16)
+    g = torch.randn(tokens, d_out, device=DEVICE, dtype=torch.bfloat16) * 1e-3
+    mask = torch.rand(tokens, device=DEVICE) < 0.65
     weights = mask.to(torch.float32)
-    z = torch.zeros(d_in, d_in, device="cuda")
-    y = torch.zeros(d_out, device="cuda")
-    grad = torch.zeros(d_out, d_in, device="cuda")
+    z = torch.zeros(d_in, d_in, device=DEVICE)
+    y = torch.zeros(d_out, device=DEVICE)
+    grad = torch.zeros(d_out, d_in, device=DEVICE)
     flops = tokens * d_in * d_in + 2 * tokens * d_out * d_in
 
     def triton_full():
@@ -127,34 +125,36 @@ def bench_full_update(tokens: int, d_in: int, d_out: int, kernels, reference) ->
         grad.add_(torch.matmul(g.T, a))
 
     row = {"case": "full", "tokens": tokens, "d_in": d_in, "d_out": d_out}
-    row["triton_s"] = cuda_time(triton_full)
-    row["gather_fp32_addmm_s"] = cuda_time(gather_fp32_addmm, warmup=1, repeat=3)
-    row["bf16_matmul_s"] = cuda_time(bf16_matmul)
-    row["torch_reference_s"] = cuda_time(torch_reference, warmup=1, repeat=3)
+    row["triton_s"] = device_time(triton_full)
+    row["gather_fp32_addmm_s"] = device_time(gather_fp32_addmm, warmup=1, repeat=3)
+    row["bf16_matmul_s"] = device_time(bf16_matmul)
+    row["torch_reference_s"] = device_time(torch_reference, warmup=1, repeat=3)
     row["triton_tflops"] = flops / row["triton_s"] / 1e12
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
+TABLE_HEADERS = [
+    "case", "T", "d_in", "d_out", "Triton ms", "Triton TFLOP/s", "% of bf16 8192³ matmul",
+    "% of same-shape bf16 aᵀa", "vs gather+fp32 addmm", "vs bf16 matmul", "vs torch reference",
+]
+
+
+def table_cells(r, peak_tflops: float) -> list:
+    same = r.get("bf16_same_shape_tflops")
+    ref = r.get("torch_reference_s")
+    return [
+        r["case"], r["tokens"], r["d_in"], r["d_out"] or "-", f"{r['triton_s'] * 1e3:.2f}",
+        f"{r['triton_tflops']:.1f}", f"{100 * r['triton_tflops'] / peak_tflops:.0f}%",
+        "-" if same is None else f"{100 * r['triton_tflops'] / same:.0f}%",
+        f"{r['gather_fp32_addmm_s'] / r['triton_s']:.1f}x", f"{r['bf16_matmul_s'] / r['triton_s']:.2f}x",
+        "-" if ref is None else f"{ref / r['triton_s']:.1f}x",
+    ]
+
+
 def format_table(rows, peak_tflops: float) -> str:
-    header = (
-        "| case | T | d_in | d_out | Triton ms | Triton TFLOP/s | % of bf16 8192³ matmul | % of same-shape bf16 aᵀa "
-        "| vs gather+fp32 addmm | vs bf16 matmul | vs torch reference |"
-    )
-    lines = [header, "|" + "---|" * 11]
-    for r in rows:
-        same = r.get("bf16_same_shape_tflops")
-        ref = r.get("torch_reference_s")
-        same_pct = "-" if same is None else f"{100 * r['triton_tflops'] / same:.0f}%"
-        ref_speedup = "-" if ref is None else f"{ref / r['triton_s']:.1f}x"
-        d_out = r["d_out"] or "-"
-        lines.append(
-            f"| {r['case']} | {r['tokens']} | {r['d_in']} | {d_out} | {r['triton_s'] * 1e3:.2f} "
-            f"| {r['triton_tflops']:.1f} | {100 * r['triton_tflops'] / peak_tflops:.0f}% | {same_pct} "
-            f"| {r['gather_fp32_addmm_s'] / r['triton_s']:.1f}x | {r['bf16_matmul_s'] / r['triton_s']:.2f}x "
-            f"| {ref_speedup} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(TABLE_HEADERS, [table_cells(r, peak_tflops) for r in rows])
 
 
 def main(argv=None) -> int:
@@ -163,23 +163,38 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", type=int, nargs="+", default=[4096, 11008])
     parser.add_argument("--d-out", type=int, default=4096, help="d_out of the full-update case")
     parser.add_argument("--save", action="store_true", help="write bench/results/kfac_kernels_<gpu>.{json,md}")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shapes: check that the script runs (numbers mean nothing)"
+    )
     args = parser.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_kfac_kernels: no CUDA GPU here; the Triton statistics benchmark needs one. Nothing measured.")
-        return 0
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("bench_kfac_kernels: TRITON_INTERPRET=1 is set; unset it to benchmark compiled kernels.")
-        return 0
+    global DEVICE
+    from lora_da.kernels import triton_launch
+
+    interpreting = triton_launch.INTERPRETING
+    if args.smoke:
+        args.tokens, args.dims, args.d_out, args.save = 100, [70], 45, False
+        if not torch.cuda.is_available() and not interpreting:
+            print("bench_kfac_kernels --smoke: no CUDA GPU here; set TRITON_INTERPRET=1 to run the kernels on the CPU.")
+            return 1
+        DEVICE = "cuda" if torch.cuda.is_available() and not interpreting else "cpu"
+    else:
+        if not torch.cuda.is_available():
+            print("bench_kfac_kernels: no CUDA GPU here; the Triton statistics benchmark needs one. Nothing measured.")
+            return 0
+        if interpreting:
+            print("bench_kfac_kernels: TRITON_INTERPRET=1 is set; unset it to benchmark compiled kernels.")
+            return 0
     import triton
 
     from lora_da.kernels import kfac_stats as reference
     from lora_da.kernels import kfac_stats_triton as kernels
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the published fp32 addmm is true fp32
-    gpu = torch.cuda.get_device_name()
-    peak = measured_bf16_tflops()
-    print(f"device: {gpu}; measured bf16 matmul (8192³): {peak:.1f} TFLOP/s; triton {triton.__version__}")
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (Triton interpreter, smoke run)"
+    matmul_size = 256 if args.smoke else 8192
+    peak = measured_bf16_tflops(matmul_size)
+    print(f"device: {gpu}; measured bf16 matmul ({matmul_size}³): {peak:.1f} TFLOP/s; triton {triton.__version__}")
     rows = []
     for d_in in args.dims:
         rows.append(bench_input_factor(args.tokens, d_in, kernels, reference))

@@ -17,12 +17,12 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from problems import largest_principal_angle, matrices_with_spectrum, slowly_decaying_spectrum  # noqa: E402
+from timing import Timer  # noqa: E402
 
 from lora_da.solvers import lobpcg  # noqa: E402
 
@@ -56,9 +56,9 @@ def run_size(n: int, batch: int, k: int, sample: int, tol: float | None) -> list
     exact = bases[..., :k]
     rows = []
 
-    start = time.perf_counter()
-    result = lobpcg(matrices, k, tol=tol)
-    elapsed = time.perf_counter() - start
+    with Timer() as timer:
+        result = lobpcg(matrices, k, tol=tol)
+    elapsed = timer.seconds
     angle = largest_principal_angle(exact, result.eigenvectors).max().item()
     rows.append(
         (n, f"lora_da.lobpcg (batched, fp64, block {result.block_size})", elapsed, False, angle,
@@ -66,19 +66,19 @@ def run_size(n: int, batch: int, k: int, sample: int, tol: float | None) -> list
     )
 
     count = min(batch, sample)
-    start = time.perf_counter()
     vectors = []
-    for b in range(count):
-        vectors.append(torch.linalg.eigh(matrices[b])[1][:, :k])
-    elapsed = (time.perf_counter() - start) * batch / count
+    with Timer() as timer:
+        for b in range(count):
+            vectors.append(torch.linalg.eigh(matrices[b])[1][:, :k])
+    elapsed = timer.seconds * batch / count
     angle = largest_principal_angle(exact[:count], torch.stack(vectors)).max().item()
     rows.append((n, "loop of torch.linalg.eigh (fp64)", elapsed, count < batch, angle, f"{count} of {batch} run"))
 
-    start = time.perf_counter()
     vectors = []
-    for b in range(batch):
-        vectors.append(torch.lobpcg(matrices[b], k=k, niter=10, largest=False)[1])
-    elapsed = time.perf_counter() - start
+    with Timer() as timer:
+        for b in range(batch):
+            vectors.append(torch.lobpcg(matrices[b], k=k, niter=10, largest=False)[1])
+    elapsed = timer.seconds
     angle = largest_principal_angle(exact, torch.stack(vectors)).max().item()
     rows.append((n, "loop of torch.lobpcg(niter=10) (fp64)", elapsed, False, angle, ""))
     return rows

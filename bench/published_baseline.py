@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -33,6 +32,7 @@ from torch import nn
 from lora_da.losses import as_causal_lm_batch, causal_lm_per_sample_loss, token_mask_for
 from lora_da.solvers import fix_column_signs
 from lora_da.targets import find_target_modules
+from timing import Timer
 
 LAYERS_PER_PASS = 8
 
@@ -127,6 +127,7 @@ def published_initialize(
 ) -> BaselineResult:
     """LoRA-DA by the published recipe; the model must be a causal LM (HF batches)."""
     result = BaselineResult()
+    device = next(model.parameters()).device  # timings wait for its queued work
     modules = find_target_modules(model, None, rank)
     flags = [p.requires_grad for p in model.parameters()]
     was_training = model.training
@@ -134,22 +135,22 @@ def published_initialize(
     try:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
-        start = time.perf_counter()
-        gradients = _gradient_pass(model, loader, modules)
-        result.timings["gradient pass"] = time.perf_counter() - start
+        with Timer(device) as timer:
+            gradients = _gradient_pass(model, loader, modules)
+        result.timings["gradient pass"] = timer.seconds
 
-        start = time.perf_counter()
         input_sums: Dict[str, torch.Tensor] = {}
         output_sums: Dict[str, torch.Tensor] = {}
-        layers = sorted({_layer_of(name) for name in modules})
-        for first in range(0, len(layers), LAYERS_PER_PASS):
-            chunk = set(layers[first : first + LAYERS_PER_PASS])
-            subset = {name: m for name, m in modules.items() if _layer_of(name) in chunk}
-            z, y, num_tokens = _factor_pass(model, loader, subset, token_mask)
-            input_sums.update(z)
-            output_sums.update(y)
-            result.passes += 1
-        result.timings["factor passes"] = time.perf_counter() - start
+        with Timer(device) as timer:
+            layers = sorted({_layer_of(name) for name in modules})
+            for first in range(0, len(layers), LAYERS_PER_PASS):
+                chunk = set(layers[first : first + LAYERS_PER_PASS])
+                subset = {name: m for name, m in modules.items() if _layer_of(name) in chunk}
+                z, y, num_tokens = _factor_pass(model, loader, subset, token_mask)
+                input_sums.update(z)
+                output_sums.update(y)
+                result.passes += 1
+        result.timings["factor passes"] = timer.seconds
     finally:
         for parameter, flag in zip(model.parameters(), flags):
             parameter.requires_grad_(flag)
@@ -160,23 +161,23 @@ def published_initialize(
     torch.manual_seed(seed)
     try:
         for name in modules:
-            start = time.perf_counter()
-            d_in = input_sums[name].shape[0]
-            input_factor = input_sums[name].double() / num_tokens + damping * torch.eye(d_in, dtype=torch.float64)
-            input_factor_inverse = torch.linalg.inv(input_factor)  # explicit Z⁻¹
-            inverse_output = 1.0 / (output_sums[name].double() / num_tokens + damping)
-            gradient = gradients[name].double()
-            delta = -(input_factor_inverse @ gradient.T) * inverse_output  # Δ = −Z⁻¹Gᵀ diag(1/(y+λ))
-            sigma = float(torch.linalg.matrix_norm(delta, ord=2))
-            delta_hat = delta / sigma
-            variance_scale = float(inverse_output.sum()) / train_size / sigma**2
-            guidance = -alpha * delta_hat @ delta_hat.T + beta * variance_scale * input_factor_inverse
-            guidance = (guidance + guidance.T) / 2
-            prep_seconds += time.perf_counter() - start
+            with Timer(device) as timer:
+                d_in = input_sums[name].shape[0]
+                input_factor = input_sums[name].double() / num_tokens + damping * torch.eye(d_in, dtype=torch.float64)
+                input_factor_inverse = torch.linalg.inv(input_factor)  # explicit Z⁻¹
+                inverse_output = 1.0 / (output_sums[name].double() / num_tokens + damping)
+                gradient = gradients[name].double()
+                delta = -(input_factor_inverse @ gradient.T) * inverse_output  # Δ = −Z⁻¹Gᵀ diag(1/(y+λ))
+                sigma = float(torch.linalg.matrix_norm(delta, ord=2))
+                delta_hat = delta / sigma
+                variance_scale = float(inverse_output.sum()) / train_size / sigma**2
+                guidance = -alpha * delta_hat @ delta_hat.T + beta * variance_scale * input_factor_inverse
+                guidance = (guidance + guidance.T) / 2
+            prep_seconds += timer.seconds
 
-            start = time.perf_counter()
-            _, vectors = torch.lobpcg(guidance, k=rank, largest=False, niter=niter)
-            solve_seconds += time.perf_counter() - start
+            with Timer(device) as timer:
+                _, vectors = torch.lobpcg(guidance, k=rank, largest=False, niter=niter)
+            solve_seconds += timer.seconds
             vectors = fix_column_signs(vectors)
             lora_a0 = vectors  # d_in x r
             lora_b0 = vectors.T @ delta_hat  # r x d_out

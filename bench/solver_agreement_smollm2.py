@@ -11,8 +11,9 @@ type, the solve times, and the damping escalations the statistics needed.
 
 import argparse
 import collections
+import os
 import platform
-import time
+import sys
 import warnings
 
 import torch
@@ -23,6 +24,9 @@ from lora_da.config import LoraDAConfig
 from lora_da.demo_assets import gsm_rows, smollm2_dir
 from lora_da.models import batches
 from lora_da.targets import find_target_modules
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import Timer  # noqa: E402
 
 
 def principal_angle(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,16 +56,18 @@ def main() -> None:
         samples.append({"input_ids": ids, "labels": ids.clone()})
     data = list(batches(samples, 4, pad_token_id=tokenizer.pad_token_id or 0))
 
-    start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stats = lora_da.collect_statistics(model, data, find_target_modules(model, None, args.rank))
-        statistics_s = time.perf_counter() - start
+        with Timer() as timer:
+            stats = lora_da.collect_statistics(model, data, find_target_modules(model, None, args.rank))
+        statistics_s = timer.seconds
         answers, times, backends = {}, {}, {}
         for solver in ("auto", "eigh"):
-            t = time.perf_counter()
-            answers[solver], backends[solver] = solve_modules(stats, LoraDAConfig(rank=args.rank, solver=solver), 1000)
-            times[solver] = time.perf_counter() - t
+            with Timer() as timer:
+                answers[solver], backends[solver] = solve_modules(
+                    stats, LoraDAConfig(rank=args.rank, solver=solver), 1000
+                )
+            times[solver] = timer.seconds
     escalations = sorted({str(w.message) for w in caught if "damping" in str(w.message)})
 
     worst = collections.defaultdict(float)

@@ -8,8 +8,9 @@ bundling the two accumulate functions and the end-of-pass finalize step:
   as in the reference.
 * ``"triton"``: the Triton kernels (``kfac_stats_triton``); CUDA tensors with
   bf16/fp16/fp32 activations, or CPU tensors under ``TRITON_INTERPRET=1``
-  (the interpreter: for tests only, it is slow). Anything else raises: an
-  explicit request is never silently replaced.
+  (the interpreter: for tests only, it is slow; the switch is
+  ``triton_launch.INTERPRETING``). Anything else raises: an explicit request is
+  never silently replaced.
 * ``"auto"``: Triton on CUDA devices when Triton is installed and the
   activations are not fp64 (fp64 models keep fp64 accumulators, which the
   kernels do not offer); the reference everywhere else.
@@ -21,7 +22,6 @@ The chosen ``name`` is what :class:`lora_da.LoraInit` reports under
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -84,18 +84,18 @@ def select_backend(
     if dtype == torch.float64:
         raise TypeError("stats_backend='triton' accumulates in float32; fp64 models need stats_backend='torch'")
     if device.type != "cuda":
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        # Imported here, not at the top: INTERPRETING is read on the first import, which
+        # must come after TRITON_INTERPRET is set (importing lora_da does not import it).
+        from . import triton_launch
+
+        if not triton_launch.interpreter_requested():
             raise RuntimeError(
                 f"stats_backend='triton' on a {device.type} device runs only under the Triton "
                 "interpreter (TRITON_INTERPRET=1 set before lora_da's kernels are imported; tests only)"
             )
-        backend = _triton_backend()
-        from . import kfac_stats_triton
-
-        if not kfac_stats_triton.INTERPRETING:
+        if not triton_launch.INTERPRETING:
             raise RuntimeError(
-                "TRITON_INTERPRET=1 was set after lora_da.kernels.kfac_stats_triton was imported; "
-                "set it before"
+                "TRITON_INTERPRET=1 was set after lora_da's Triton kernels were imported "
+                "(lora_da.kernels.triton_launch); set it before"
             )
-        return backend
     return _triton_backend()

@@ -3,7 +3,8 @@
 For one group of modules fed the same input ``a`` (``T x d_in``) and, for each
 member, its output gradient ``g`` (``T x d_out``), with per-token weights ``m``
 (``T``; 0 for tokens outside the token mask), the accumulators are updated in
-place (symbols of SPEC.md, before the ``1/|T|`` and ``1/n`` normalizations):
+place (symbols of docs/math.md §2 Statistics, before the ``1/|T|`` and ``1/n``
+normalizations):
 
 * ``input_factor_sum  += aᵀ diag(m) a``     (Z, one per group)
 * ``output_factor_diag_sum += Σ_t m_t g_t²``  (y, one per member)
@@ -18,7 +19,7 @@ Accumulators may be float32 or float64; inputs of lower precision are upcast.
 fast path uses :func:`accumulate_input_factor_lower`, the same sum on the lower
 triangle only (column panels of ``PANEL_WIDTH``: about 40% fewer flops than the
 full product since Z is symmetric), then :func:`mirror_lower_triangle` once
-when the pass ends.
+when the pass ends (docs/math.md §5.5 Accumulating Z on its lower triangle).
 """
 
 from __future__ import annotations

@@ -20,47 +20,29 @@ reference. Token weights are applied to one operand in the input precision
 before the product: exact for 0/1 masks, one rounding of ``m_t a_t`` otherwise.
 No row gather, no host synchronization: masked tokens are multiplied by zero.
 
-Under ``TRITON_INTERPRET=1`` (CPU tests) the loaded tiles are cast to fp32,
-because the interpreter's bf16/fp16 arithmetic is not the GPU's, and a single
+Launch policy (autotune table, ``tl.dot`` precision, the interpreter switch) is in
+``triton_launch``. Under ``TRITON_INTERPRET=1`` (CPU tests) the loaded tiles are cast to
+fp32, because the interpreter's bf16/fp16 arithmetic is not the GPU's, and a single
 autotune configuration is used.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from . import triton_launch
 
 SUPPORTED_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _configs():
-    if INTERPRETING:
-        # One configuration; tiles of 32 keep the interpreter's program count low
-        # while the tests still use shapes that are not multiples of them.
-        return [triton.Config({"BLOCK_D": 32, "BLOCK_T": 32}, num_warps=4, num_stages=1)]
-    configs = []
-    for block_d, block_t, warps, stages in (
-        (128, 32, 8, 4),
-        (128, 64, 8, 3),
-        (128, 64, 4, 4),
-        (64, 64, 4, 4),
-        (64, 32, 4, 5),
-        (128, 128, 8, 3),
-    ):
-        configs.append(triton.Config({"BLOCK_D": block_d, "BLOCK_T": block_t}, num_warps=warps, num_stages=stages))
-    return configs
 
 
 # ----------------------------------------------------------------------------------------
 # Z += aᵀ diag(m) a, upper-triangle tiles
 # ----------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(), key=["d_in"], restore_value=["input_factor_ptr"])
+@triton.autotune(configs=triton_launch.statistics_configs(), key=["d_in"], restore_value=["input_factor_ptr"])
 @triton.jit
 def _input_factor_kernel(
     input_factor_ptr,
@@ -119,7 +101,7 @@ def _input_factor_kernel(
 # y += Σ_t m_t g_t², G += gᵀ a
 # ----------------------------------------------------------------------------------------
 @triton.autotune(
-    configs=_configs(),
+    configs=triton_launch.statistics_configs(),
     key=["d_out", "d_in"],
     restore_value=["grad_sum_ptr", "output_factor_diag_ptr"],
 )
@@ -190,18 +172,15 @@ def _output_statistics_kernel(
 # Python wrappers (same signatures as the reference)
 # ----------------------------------------------------------------------------------------
 def _check_inputs(name: str, tensor: torch.Tensor, accumulator: torch.Tensor) -> None:
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must be (tokens, features), got shape {tuple(tensor.shape)}")
     if tensor.dtype not in SUPPORTED_INPUT_DTYPES:
         raise TypeError(f"Triton statistics kernels take bf16/fp16/fp32 {name}, got {tensor.dtype}")
     if accumulator.dtype != torch.float32:
         raise TypeError(f"Triton statistics kernels accumulate in float32, got a {accumulator.dtype} accumulator")
     if tensor.device != accumulator.device:
         raise ValueError(f"{name} on {tensor.device} but the accumulator on {accumulator.device}")
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: IEEE fp32 products, as the reference's fp32 addmm (TF32 would lose
-    # ~3 decimal digits). 16-bit inputs: the precision flag does not apply.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    triton_launch.check_device(tensor.device, "the Triton statistics kernels")
 
 
 def _weights(token_weights: Optional[torch.Tensor], num_tokens: int, device) -> Optional[torch.Tensor]:
@@ -243,8 +222,8 @@ def accumulate_input_factor(
         inputs.stride(0),
         inputs.stride(1),
         HAS_WEIGHTS=weights is not None,
-        UPCAST=INTERPRETING,
-        DOT_PRECISION=_dot_precision(inputs.dtype),
+        UPCAST=triton_launch.UPCAST_TILES,
+        DOT_PRECISION=triton_launch.dot_precision(inputs.dtype),
     )
 
 
@@ -265,7 +244,12 @@ def accumulate_output_statistics(
     if inputs.shape[0] != num_tokens:
         raise ValueError(f"{num_tokens} output-gradient rows but {inputs.shape[0]} input rows")
     if grad_sum.shape != (d_out, d_in) or output_factor_diag_sum.shape != (d_out,):
-        raise ValueError("accumulator shapes do not match the inputs")
+        raise ValueError(
+            f"grad_sum is {tuple(grad_sum.shape)} and output_factor_diag_sum {tuple(output_factor_diag_sum.shape)}, "
+            f"expected ({d_out}, {d_in}) and ({d_out},)"
+        )
+    if output_factor_diag_sum.device != grad_sum.device:
+        raise ValueError(f"output_factor_diag_sum on {output_factor_diag_sum.device} but grad_sum on {grad_sum.device}")
     if num_tokens == 0:
         return
     weights = _weights(token_weights, num_tokens, inputs.device)
@@ -293,8 +277,8 @@ def accumulate_output_statistics(
         inputs.stride(0),
         inputs.stride(1),
         HAS_WEIGHTS=weights is not None,
-        UPCAST=INTERPRETING,
-        DOT_PRECISION=_dot_precision(inputs.dtype),
+        UPCAST=triton_launch.UPCAST_TILES,
+        DOT_PRECISION=triton_launch.dot_precision(inputs.dtype),
     )
 
 

@@ -1,6 +1,6 @@
 """Batched Initialization Guidance Matrices Ω: plain-PyTorch reference.
 
-For a batch of ``B`` modules of the same shape (SPEC.md step 4, with the σ
+For a batch of ``B`` modules of the same shape (docs/math.md step 4, with the σ
 normalization of step 2 folded in):
 
     Ω_b = −(α/σ_b²) Δ_b Δ_bᵀ + w_b · ½(Z⁻¹_b + Z⁻¹_bᵀ)
@@ -9,6 +9,10 @@ with ``Δ_b`` the un-normalized natural-gradient step (``d_in x d_out``), ``σ_b
 its largest singular value (so ``Δ_b/σ_b = Δ̂_b``) and ``w_b = β c_b`` the weight of
 the variance term. The result is exactly symmetric. This is the oracle of
 ``omega_triton.guidance_matrices``.
+
+The batched Ω kernel (this reference and ``omega_triton``): not called by the
+library yet; the planned GPU dense-solve path builds Ω with it; tested by
+tests/test_kernels_omega.py.
 """
 
 from __future__ import annotations
@@ -44,4 +48,7 @@ def _check_shapes(delta, input_factor_inverse, sigma, variance_weight) -> None:
             f"input_factor_inverse must be ({batch}, {d_in}, {d_in}), got {tuple(input_factor_inverse.shape)}"
         )
     if sigma.shape != (batch,) or variance_weight.shape != (batch,):
-        raise ValueError(f"sigma and variance_weight must have shape ({batch},)")
+        raise ValueError(
+            f"sigma and variance_weight must have shape ({batch},), "
+            f"got {tuple(sigma.shape)} and {tuple(variance_weight.shape)}"
+        )

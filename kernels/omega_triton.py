@@ -1,4 +1,5 @@
-"""Batched Initialization Guidance Matrices Ω: Triton kernel (reference: ``omega.py``).
+"""Batched Initialization Guidance Matrices Ω: Triton kernel (reference: ``omega.py``;
+not called by the library yet, see there).
 
 One launch builds, for every module ``b`` of a batch of same-shape modules,
 
@@ -12,20 +13,17 @@ no second pass. ``−α/σ²`` and ``w`` are read from device tensors (no host s
 fp32 inputs use ``tl.dot`` with IEEE fp32 products (no TF32); fp64 inputs use a
 broadcast multiply-and-sum on the FP64 units (``tl.dot`` on fp64 is not available
 on every Triton/GPU pair). Block sizes are fixed per dtype (Ω is built once per
-module, so it is not autotuned).
+module, so it is not autotuned): ``triton_launch.omega_blocks``.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import triton_launch
 from .omega import _check_shapes
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -47,6 +45,7 @@ def _guidance_matrices_kernel(
     stride_zr,
     stride_zc,
     USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -78,7 +77,7 @@ def _guidance_matrices_kernel(
             other=0.0,
         )
         if USE_DOT:
-            acc = tl.dot(left, right, acc, input_precision="ieee")
+            acc = tl.dot(left, right, acc, input_precision=DOT_PRECISION)
         else:
             acc += tl.sum(left[:, :, None] * right[None, :, :], axis=1)
     if tile_row == tile_col:  # make the diagonal tile's own product exactly symmetric
@@ -111,6 +110,7 @@ def guidance_matrices(
         raise TypeError(f"the Triton Ω kernel takes fp32 or fp64 delta, got {dtype}")
     batch, d_in, d_out = delta.shape
     device = delta.device
+    triton_launch.check_device(device, "the Triton Ω kernel")
     zinv = input_factor_inverse.to(device=device, dtype=dtype)
     # −α/σ² per module, computed on the device in delta's precision (no host sync).
     bias_scale = (-alpha / sigma.to(device=device, dtype=dtype) ** 2).contiguous()
@@ -118,14 +118,8 @@ def guidance_matrices(
     omega = torch.empty((batch, d_in, d_in), dtype=dtype, device=device)
     if batch == 0 or d_in == 0:
         return omega
-    use_dot = dtype == torch.float32
-    if INTERPRETING:
-        block_d, block_k, warps = 32, 32, 4
-    elif use_dot:
-        block_d, block_k, warps = 64, 32, 4
-    else:
-        block_d, block_k, warps = 32, 8, 4
-    tiles = triton.cdiv(d_in, block_d)
+    blocks = triton_launch.omega_blocks(dtype)
+    tiles = triton.cdiv(d_in, blocks.block_d)
     _guidance_matrices_kernel[(tiles, tiles, batch)](
         omega,
         delta,
@@ -137,9 +131,10 @@ def guidance_matrices(
         *omega.stride(),
         *delta.stride(),
         *zinv.stride(),
-        USE_DOT=use_dot,
-        BLOCK_D=block_d,
-        BLOCK_K=block_k,
-        num_warps=warps,
+        USE_DOT=blocks.use_dot,
+        DOT_PRECISION=triton_launch.dot_precision(dtype),
+        BLOCK_D=blocks.block_d,
+        BLOCK_K=blocks.block_k,
+        num_warps=blocks.num_warps,
     )
     return omega
