@@ -169,7 +169,7 @@ def _assert_same_init(got, expected, rtol):
 
 def _tiny_llama_statistics(stats_backend, device="cpu"):
     from lora_da.models import batches, synthetic_samples, tiny_llama
-    from lora_da.statistics import collect_statistics
+    from lora_da.statistics_pass import collect_statistics
     from lora_da.targets import find_target_modules
 
     model = tiny_llama().to(device)

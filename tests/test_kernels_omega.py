@@ -124,8 +124,8 @@ def test_kernel_rejects_what_it_does_not_support(kernel, monkeypatch):
 
 
 def test_reference_guidance_matrices_match_method_module():
-    """The batched reference equals lora_da.method.guidance_matrix applied per module."""
-    from lora_da.method import guidance_matrix
+    """The batched reference equals lora_da.methods.lora_da_reference.guidance_matrix applied per module."""
+    from lora_da.methods.lora_da_reference import guidance_matrix
 
     generator = torch.Generator().manual_seed(5)
     delta = torch.randn(2, 12, 7, generator=generator, dtype=torch.float64)
