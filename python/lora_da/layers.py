@@ -43,8 +43,7 @@ def require_float_weight(name: str, module: nn.Module) -> torch.Tensor:
         dtype = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise TypeError(
             f"module '{name}' has a {dtype} weight: this method reads W and needs a floating-point weight "
-            "(dequantize the base model, or use a method that reads no weight: lora-da, lora-ga, lora-one, "
-            "fisher-subspace, lora)"
+            "(dequantize the base model, or use a method that reads no weight)"
         )
     return weight
 

@@ -161,7 +161,11 @@ class Method:
         """Refuse, before any pass, the targets this method cannot serve."""
         if self.reads_weight:
             for name, module in targets.items():
-                require_float_weight(name, module)
+                try:
+                    require_float_weight(name, module)
+                except TypeError as error:
+                    others = ", ".join(m.name for m in METHODS.values() if not m.reads_weight)
+                    raise TypeError(f"{error}; methods that read no weight: {others}") from None
         if self.check is not None:
             self.check(targets, rank, options)
 
