@@ -33,3 +33,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """The tiny Llama's calibration batches (helpers.calibration_batches), fresh for each test file."""
+    import helpers
+
+    return helpers.calibration_batches()
+
+
+@pytest.fixture(scope="module")
+def llama_oracle(data):
+    """(G, Z, y, W) of the float64 tiny Llama on `data` by plain autograd (helpers.llama_autograd_statistics)."""
+    import helpers
+
+    return helpers.llama_autograd_statistics(data)

@@ -12,6 +12,8 @@ from lora_da.models import batches, synthetic_samples, tiny_llama
 
 RANK = 4
 TRAIN_SIZE = 100
+# scenario "methods": these data methods other than lora-da, each on an even shard
+OTHER_METHODS = ("lora-ga", "fisher-subspace", "cntlora")
 
 
 def all_batches():
@@ -20,7 +22,7 @@ def all_batches():
 
 def shard(scenario: str, rank: int, world: int):
     data = all_batches()
-    if scenario in ("even", "raise", "fsdp"):
+    if scenario in ("even", "raise", "fsdp", "methods"):
         return data[rank::world]
     if scenario == "uneven":  # world 3: 4 batches, 2 batches, 1 batch whose mask keeps nothing
         if rank == 0:
@@ -81,8 +83,12 @@ def run(rank: int, world: int, port: int, scenario: str, out_dir: str) -> None:
         if scenario == "raise":
             kwargs["loss_fn"] = raising_loss
         try:
-            init = lora_da.initialize(model, shard(scenario, rank, world), **kwargs)
-            torch.save(summarize(init), os.path.join(out_dir, f"rank{rank}.pt"))
+            if scenario == "methods":  # {method: summary}
+                data = shard(scenario, rank, world)
+                summary = {m: summarize(lora_da.initialize(model, data, method=m, **kwargs)) for m in OTHER_METHODS}
+            else:
+                summary = summarize(lora_da.initialize(model, shard(scenario, rank, world), **kwargs))
+            torch.save(summary, os.path.join(out_dir, f"rank{rank}.pt"))
         except Exception as error:  # recorded for the test to compare across ranks
             with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
                 f.write(f"{type(error).__name__}: {error}\n---\n{traceback.format_exc()}")

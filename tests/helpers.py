@@ -120,3 +120,162 @@ def oracle_statistics(model: SharedInputMLP, loader):
                     G["fc2"] += torch.outer(g_out, h)
     Z = {"fc1a": Z1 / tokens, "fc1b": Z1 / tokens, "fc2": Z2 / tokens}
     return {k: v / samples for k, v in G.items()}, Z, {k: v / tokens for k, v in y.items()}, samples, tokens
+
+
+# -- a tiny Llama and its calibration data (tests of the methods, PEFT and the pipeline) --
+
+METHOD_RANK = 4
+NO_DATA_METHODS = ("lora", "pissa", "milora")
+DATA_METHODS = ("lora-da", "lora-ga", "lora-one", "cntlora", "fisher-subspace")
+ALL_METHODS = ("lora-da", "lora", "pissa", "milora", "lora-ga", "lora-one", "cntlora", "fisher-subspace")
+
+
+def calibration_batches():
+    """8 synthetic samples in 2 padded batches of 4 (the `data` fixture of conftest.py)."""
+    from lora_da.models import batches, synthetic_samples
+
+    return list(batches(synthetic_samples(8, seed=7), 4))
+
+
+def tiny64():
+    from lora_da.models import tiny_llama
+
+    return tiny_llama(dtype=torch.float64)
+
+
+def run_method(method, data, model=None, **kwargs):
+    """``initialize(..., method=method)`` on a float64 tiny Llama (no loader for the no-data methods)."""
+    import lora_da
+
+    model = model if model is not None else tiny64()
+    loader = None if method in NO_DATA_METHODS else data
+    return lora_da.initialize(
+        model, loader, rank=kwargs.pop("rank", METHOD_RANK), progress=False, method=method, **kwargs
+    )
+
+
+def llama_autograd_statistics(data):
+    """G, Z (undamped) and y of every Linear of the float64 tiny Llama, by autograd on the model's own
+    outputs (no lora_da code): G = mean over samples of ∇W(sample mean token loss), Z and y over valid
+    tokens; and the weights W. Returns (G, Z, y, W), dicts by module name."""
+    model = tiny64()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    G = {n: torch.zeros_like(model.get_submodule(n).weight) for n in names}
+    Z = {n: 0.0 for n in names}
+    y = {n: 0.0 for n in names}
+    samples = tokens = 0
+    for batch in data:
+        captured = {}
+
+        def keep(name, captured=captured):
+            def hook(module, args, output):
+                output.retain_grad()
+                captured[name] = (args[0].detach(), output)
+
+            return hook
+
+        handles = [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for h in handles:
+            h.remove()
+        labels = batch["labels"][:, 1:]
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+        ).view(labels.shape)
+        counts = (labels != -100).sum(1)
+        (loss.sum(1) / counts.clamp(min=1))[counts > 0].sum().backward()
+        samples += int((counts > 0).sum())
+        mask = batch["attention_mask"].reshape(-1).bool()
+        tokens += int(mask.sum())
+        for n in names:
+            a, out = captured[n]
+            a = a.reshape(-1, a.shape[-1])
+            g = out.grad.reshape(-1, out.shape[-1])
+            G[n] += g.T @ a
+            Z[n] = Z[n] + a[mask].T @ a[mask]
+            y[n] = y[n] + (g[mask] ** 2).sum(0)
+    return (
+        {n: G[n] / samples for n in names},
+        {n: Z[n] / tokens for n in names},
+        {n: y[n] / tokens for n in names},
+        {n: model.get_submodule(n).weight.detach().clone() for n in names},
+    )
+
+
+def product(module_init, scaling=1.0):
+    """``s·B·A`` of a ModuleInit in float64."""
+    return scaling * module_init.lora_B.double() @ module_init.lora_A.double()
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def weight_svd_reference(W, rank, minor):
+    """PiSSA (top r) / MiLoRA (bottom r) oracle: ``(U_r S_r V_rᵀ, U_r)`` of W by torch.linalg.svd."""
+    u, s, vh = torch.linalg.svd(W, full_matrices=False)
+    index = slice(len(s) - rank, len(s)) if minor else slice(0, rank)
+    return u[:, index] @ torch.diag(s[index]) @ vh[index], u[:, index]
+
+
+def assert_equal_inits(a, b):
+    assert a.modules.keys() == b.modules.keys()
+    for name, m in a.modules.items():
+        assert torch.equal(m.lora_A, b.modules[name].lora_A), name
+        assert torch.equal(m.lora_B, b.modules[name].lora_B), name
+
+
+def tiny_gpt2(n_layer: int = 2):
+    """A random GPT-2 (Conv1D layers) with 128 tokens, width 32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=n_layer, n_head=4)).eval()
+
+
+class FakeQuantizedLinear(nn.Linear):
+    """bitsandbytes-style: an int8 weight with a per-row scale; forward dequantizes."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        scale = linear.weight.detach().abs().amax(dim=1, keepdim=True) / 127
+        self.weight = nn.Parameter(torch.round(linear.weight.detach() / scale).to(torch.int8), requires_grad=False)
+        self.register_buffer("scale", scale)
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone())
+
+    def dequantized(self):
+        return self.weight.to(self.scale.dtype) * self.scale
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.dequantized(), self.bias)
+
+
+# -- LoRA-DA's float64 oracle (docs/math.md steps 1-7 with explicit inverses and dense eigh) --
+
+
+def lora_da_oracle_factors(G, Z, y, *, rank, alpha, beta, gamma, damping, train_size):
+    """Steps 1-7 with explicit inverses and dense eigh: (lora_A, lora_B, eigenvalues, σ)."""
+    import math
+
+    eye = torch.eye(Z.shape[0], dtype=torch.float64)
+    Z_damped = Z + damping * eye
+    Z_inv = torch.linalg.inv(Z_damped)
+    delta = -Z_inv @ G.T @ torch.diag(1.0 / (y + damping))
+    sigma = torch.linalg.svdvals(delta)[0]
+    delta_hat = delta / sigma
+    c = (1.0 / (y + damping)).sum() / train_size / sigma**2
+    omega = -alpha * delta_hat @ delta_hat.T + beta * c * Z_inv
+    values, vectors = torch.linalg.eigh(omega)
+    A0 = vectors[:, :rank]
+    for j in range(rank):  # sign: largest-magnitude entry positive
+        k = int(A0[:, j].abs().argmax())
+        if A0[k, j] < 0:
+            A0[:, j] = -A0[:, j]
+    B0 = A0.T @ delta_hat
+    return A0.T / math.sqrt(gamma), B0.T / math.sqrt(gamma), values[:rank], float(sigma)
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())

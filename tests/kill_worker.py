@@ -1,4 +1,4 @@
-"""Child process of test_reliability's kill test: a pass killed by SIGKILL mid-way."""
+"""Child process of test_checkpoint's kill test: a pass killed by SIGKILL mid-way."""
 
 import os
 import signal

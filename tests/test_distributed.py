@@ -41,9 +41,10 @@ def spawn(world: int, scenario: str, tmp_path):
     return results, errors
 
 
-def single_process(batches):
+def single_process(batches, method="lora-da"):
     init = lora_da.initialize(
-        tiny_llama(dtype=torch.float64), batches, rank=worker.RANK, train_size=worker.TRAIN_SIZE, progress=False
+        tiny_llama(dtype=torch.float64), batches, rank=worker.RANK, train_size=worker.TRAIN_SIZE, progress=False,
+        method=method,
     )
     return worker.summarize(init)
 
@@ -95,6 +96,22 @@ def test_three_uneven_ranks_gather_to_rank0(tmp_path):
     assert not (solved[0] & solved[1]) and solved[0] | solved[1] <= set(expected["modules"])
     for rank in (1, 2):
         assert_same_init(results[rank], expected, names=results[rank]["modules"].keys())
+
+
+def test_two_ranks_other_data_methods_equal_one_process(tmp_path):
+    """The all-reduce serves every data method: lora-ga and fisher-subspace (G, Z, y), and cntlora,
+    whose forward-only pass of one process is a full pass under torch.distributed (the same Z)."""
+    results, errors = spawn(2, "methods", tmp_path)
+    assert not errors, errors
+    for method in worker.OTHER_METHODS:
+        expected = single_process(worker.union("methods"), method=method)
+        for rank in (0, 1):
+            got = results[rank][method]
+            assert got["num_samples"] == expected["num_samples"] and got["num_tokens"] == expected["num_tokens"]
+            assert set(got["modules"]) == set(expected["modules"]), method  # every rank solves every module
+            assert_same_init(got, expected)
+            assert got["backends"]["distributed"] == "torch.distributed (gloo, 2 ranks)"
+            assert got["backends"]["solve"] == expected["backends"]["solve"]
 
 
 def test_a_rank_raising_makes_every_rank_raise_the_same(tmp_path):

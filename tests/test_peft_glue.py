@@ -1,4 +1,5 @@
-"""PEFT glue: apply, save/load round trip, preserve_output."""
+"""PEFT glue (lora_da/peft_glue.py): apply, save/load round trip, preserve_output, the base offset
+of pissa/milora/lora-ga, per-layer ranks (rank_pattern)."""
 
 import math
 
@@ -7,17 +8,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import lora_da
-from lora_da.models import batches, synthetic_samples, tiny_llama
-from lora_da.peft_glue import load_init_adapter
+from lora_da.models import tiny_llama
+from lora_da.peft_glue import get_peft_model_with_init, load_init_adapter
+
+from helpers import logits, product
 
 pytestmark = pytest.mark.filterwarnings("ignore:train_size not given")
 
 RANK = 4
-
-
-@pytest.fixture(scope="module")
-def data():
-    return list(batches(synthetic_samples(8, seed=7), 4))
 
 
 def make_init(data, **kwargs):
@@ -28,11 +26,6 @@ def peft_of(init, lora_alpha=16, dtype=torch.float32, **kwargs):
     model = tiny_llama(dtype=dtype)
     config = LoraConfig(r=RANK, lora_alpha=lora_alpha, target_modules=list(init.modules), **kwargs)
     return get_peft_model(model, config)
-
-
-def logits(model, batch):
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def test_apply_gives_w_x_plus_scaled_b_a_x(data):
@@ -112,3 +105,50 @@ def test_apply_checks_rank_and_names(data):
         init.apply(partial)
     with pytest.raises(ValueError, match="adapter 'other'"):
         init.apply(peft_of(init), adapter_name="other")
+
+
+# -- methods that offset the base weight; per-layer ranks ----------------------------
+
+
+@pytest.mark.parametrize("method", ["pissa", "milora", "lora-ga"])
+def test_base_offset_methods_leave_the_output_unchanged(method, data, tmp_path):
+    # fp32: W − s·B·A is rounded once per weight, so logits agree to ~1e-6 relative; rtol 1e-4 leaves room.
+    init = lora_da.initialize(
+        tiny_llama(), None if method != "lora-ga" else data, rank=RANK, progress=False, method=method
+    )
+    peft_model = get_peft_model_with_init(tiny_llama(), init, lora_alpha=16)
+    batch = data[1]
+    torch.testing.assert_close(logits(peft_model, batch), logits(tiny_llama(), batch), rtol=1e-4, atol=1e-5)
+    with peft_model.disable_adapter():  # the base weights did change
+        assert not torch.allclose(logits(peft_model, batch), logits(tiny_llama(), batch), rtol=1e-4, atol=1e-5)
+    if method == "pissa":  # s·B·A is W's principal part whatever lora_alpha (factors ÷ √s)
+        layer = dict(peft_model.named_modules())["base_model.model.model.layers.0.mlp.up_proj"]
+        W = tiny_llama().get_submodule("model.layers.0.mlp.up_proj").weight.detach().double()
+        u, s, vh = torch.linalg.svd(W, full_matrices=False)
+        scaled = 4.0 * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+        torch.testing.assert_close(scaled, u[:, :RANK] @ torch.diag(s[:RANK]) @ vh[:RANK], rtol=1e-5, atol=1e-6)
+    # saved: the init's factors for the offset base; load_init_adapter applies the offset to the unmodified base
+    init.save_pretrained(str(tmp_path), lora_alpha=16)
+    loaded = load_init_adapter(tiny_llama(), str(tmp_path))
+    torch.testing.assert_close(logits(loaded, batch), logits(peft_model, batch), rtol=1e-5, atol=1e-6)
+    assert "offset" in init.report()["base_weight"] and "W - s*lora_B*lora_A" in init.summary()
+
+
+def test_per_layer_ranks_round_trip_through_peft(data, tmp_path):
+    init = lora_da.initialize(
+        tiny_llama(), data, rank=8, progress=False, method="cntlora", method_options={"energy": 0.6}
+    )
+    assert len(set(init.ranks.values())) > 1
+    applied = get_peft_model_with_init(tiny_llama(), init, lora_alpha=8)
+    init.save_pretrained(str(tmp_path), lora_alpha=8)
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    layers = dict(loaded.named_modules())
+    for name, rank in init.ranks.items():
+        layer = layers["base_model.model." + name]
+        assert layer.lora_A["default"].weight.shape[0] == rank, name
+        expected = product(init.modules[name])  # s·B·A = ΔW_k with s = 8/r_l per layer
+        scaled = layer.scaling["default"] * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+        torch.testing.assert_close(scaled, expected, rtol=1e-5, atol=1e-7)
+    batch = data[0]
+    assert torch.equal(logits(applied, batch), logits(loaded, batch))
+    assert not torch.allclose(logits(loaded, batch), logits(tiny_llama(), batch))

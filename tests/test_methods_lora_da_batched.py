@@ -1,4 +1,4 @@
-"""The batched preparation of the fast path against the per-module reference of
+"""lora_da/methods/lora_da_batched.py: the batched preparation of the fast path against the per-module reference of
 ``lora_da.methods.lora_da_reference`` and against plain float64 linear algebra.
 
 Everything is float64; the batched and per-module paths differ only in the order
