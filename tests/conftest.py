@@ -49,3 +49,32 @@ def llama_oracle(data):
     import helpers
 
     return helpers.llama_autograd_statistics(data)
+
+
+# -- the command-line tests' model and data (tests/cli_helpers.py) ----------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama with the tiny tokenizer, saved as a Hugging Face model directory."""
+    from cli_helpers import tiny_tokenizer
+    from lora_da.models import tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def mixed_rows():
+    from cli_helpers import make_mixed_rows
+
+    return make_mixed_rows()
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory, mixed_rows):
+    from cli_helpers import write_jsonl
+
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", mixed_rows)

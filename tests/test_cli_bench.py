@@ -3,7 +3,7 @@
 import json
 
 from lora_da import cli
-from test_cli import RANK, data_file, mixed_rows, model_dir  # noqa: F401 (fixtures)
+from cli_helpers import RANK
 
 
 def test_bench_prints_table(model_dir, data_file, tmp_path, capsys):

@@ -14,7 +14,7 @@ from lora_da import cli
 from lora_da.cli.inputs import make_loader
 from lora_da.data import encode_rows, read_jsonl
 from lora_da.models import tiny_llama
-from test_cli import RANK, data_file, init_args, logits, mixed_rows, model_dir, tiny_tokenizer, write_jsonl  # noqa: F401 (fixtures)
+from cli_helpers import RANK, init_args, logits, tiny_tokenizer, write_jsonl
 
 
 # -- init end to end --------------------------------------------------------------------

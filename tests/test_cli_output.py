@@ -7,7 +7,7 @@ import pytest
 from lora_da import cli
 from lora_da.cli.errors import UsageError
 from lora_da.cli.output import REPLACE_OWN_OUTPUT, AtomicDirectory, check_out
-from test_cli import data_file, init_args, mixed_rows, model_dir  # noqa: F401 (fixtures)
+from cli_helpers import init_args
 
 
 def test_overwrite_rules(model_dir, data_file, tmp_path):

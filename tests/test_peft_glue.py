@@ -1,6 +1,7 @@
 """PEFT glue (lora_da/peft_glue.py): apply, save/load round trip, preserve_output, the base offset
 of pissa/milora/lora-ga, per-layer ranks (rank_pattern)."""
 
+import json
 import math
 
 import pytest
@@ -9,8 +10,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import lora_da
 from lora_da.models import tiny_llama
-from lora_da.peft_glue import get_peft_model_with_init, load_init_adapter
+from lora_da.peft_glue import get_peft_model_with_init, load_init_adapter, save_as_plain_lora
 
+from cli_helpers import logits as logits_of_ids
 from helpers import logits, product
 
 pytestmark = pytest.mark.filterwarnings("ignore:train_size not given")
@@ -152,3 +154,46 @@ def test_per_layer_ranks_round_trip_through_peft(data, tmp_path):
     batch = data[0]
     assert torch.equal(logits(applied, batch), logits(loaded, batch))
     assert not torch.allclose(logits(loaded, batch), logits(tiny_llama(), batch))
+
+
+# -- one-call wrapping and the plain-LoRA conversion ---------------------------------
+
+
+def _tiny_loader():
+    from lora_da.models import batches, synthetic_samples
+
+    return list(batches(synthetic_samples(8, seed=5), 4))
+
+
+def test_get_peft_model_with_init_matches_apply():
+    loader = _tiny_loader()
+    init = lora_da.initialize(tiny_llama(), loader, rank=RANK, train_size=100, progress=False)
+    one_call = get_peft_model_with_init(tiny_llama(), init, lora_alpha=8, lora_dropout=0.0)
+    manual = get_peft_model(tiny_llama(), LoraConfig(r=RANK, lora_alpha=8, target_modules=list(init.modules)))
+    init.apply(manual)
+    ids = loader[0]["input_ids"]
+    assert torch.equal(logits_of_ids(one_call, ids), logits_of_ids(manual, ids))
+    with pytest.raises(ValueError, match="comes from the LoraInit"):
+        get_peft_model_with_init(tiny_llama(), init, r=2)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_preserve_output_converts_to_plain_lora_on_unmodified_base(tmp_path, use_rslora):
+    loader = _tiny_loader()
+    init = lora_da.initialize(tiny_llama(), loader, rank=RANK, train_size=100, preserve_output=True, progress=False)
+    peft_model = get_peft_model_with_init(tiny_llama(), init, lora_alpha=8, use_rslora=use_rslora)
+    ids = loader[1]["input_ids"]
+    torch.testing.assert_close(logits_of_ids(peft_model, ids), logits_of_ids(tiny_llama(), ids), rtol=1e-4, atol=1e-5)
+    # "train": move the adapter away from its init
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    trained = logits_of_ids(peft_model, ids)
+    assert not torch.allclose(trained, logits_of_ids(tiny_llama(), ids), atol=1e-3)
+    save_as_plain_lora(peft_model, init, str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 2 * RANK
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))  # the *unmodified* base
+    torch.testing.assert_close(logits_of_ids(loaded, ids), trained, rtol=1e-4, atol=1e-4)
