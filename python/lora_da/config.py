@@ -16,6 +16,11 @@ TargetModules = Union[None, str, Sequence[str]]
 TOKEN_MASK_MODES = ("attention", "labels", "all")
 
 
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, never a count to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class LoraDAConfig:
     """Hyper-parameters of LoRA-DA (defaults as published; symbols as in docs/math.md).
@@ -117,11 +122,11 @@ class LoraDAConfig:
         if self.damping <= 0:
             raise ValueError(f"damping must be > 0, got {self.damping}")
         if self.train_size is not None and (
-            not isinstance(self.train_size, int) or self.train_size < 1
+            not _is_int(self.train_size) or self.train_size < 1
         ):
             raise ValueError(f"train_size must be a positive int or None, got {self.train_size!r}")
         if self.max_batches is not None and (
-            not isinstance(self.max_batches, int) or self.max_batches < 1
+            not _is_int(self.max_batches) or self.max_batches < 1
         ):
             raise ValueError(f"max_batches must be a positive int or None, got {self.max_batches!r}")
         if isinstance(self.token_mask, str) and self.token_mask not in TOKEN_MASK_MODES:
@@ -133,9 +138,9 @@ class LoraDAConfig:
             raise ValueError(f"token_mask must be a string, None or a callable, got {self.token_mask!r}")
         if self.stats_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"stats_backend must be 'auto', 'torch' or 'triton', got {self.stats_backend!r}")
-        if self.gather_to is not None and (not isinstance(self.gather_to, int) or self.gather_to < 0):
+        if self.gather_to is not None and (not _is_int(self.gather_to) or self.gather_to < 0):
             raise ValueError(f"gather_to must be a rank (int >= 0) or None, got {self.gather_to!r}")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 1:
+        if not _is_int(self.checkpoint_every) or self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive int, got {self.checkpoint_every!r}")
         budget = self.max_memory
         if budget is not None:

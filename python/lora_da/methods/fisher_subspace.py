@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 import torch
 
 from ..module_init import make_module_init
-from .base import FULL_STATISTICS, Method, Solution, SolveContext, register
+from .base import FULL_STATISTICS, Method, PhaseClock, Solution, SolveContext, register
 from .linalg import signed_pairs, svd
 from .lora_da_reference import InputFactor, prepare_input_factor
 
@@ -68,13 +68,16 @@ def fisher_subspace_factors(
 def solve(context: SolveContext) -> Solution:
     """Z is damped and factored once per input group (docs/math.md §5.1), as for LoRA-DA."""
     stats, settings = context.statistics, context.settings
+    clock = PhaseClock(context.timings)
     factors: Dict[int, InputFactor] = {}
-    result = {}
     for name in context.names:
         index = stats.modules[name].group_index
         if index not in factors:
             factors[index] = prepare_input_factor(stats.input_factor(name), settings.damping, name)
-        factor = factors[index]
+    clock.lap("factor_prep")
+    result = {}
+    for name in context.names:
+        factor = factors[stats.modules[name].group_index]
         lora_A, lora_B, values, norm = fisher_subspace_factors(
             stats.gradient(name), factor.cholesky, stats.output_factor_diag(name), settings.rank,
             settings.damping, settings.gamma,
