@@ -12,15 +12,25 @@ Each line of the file is one JSON object in one of three formats:
   of the usual ChatML/Llama templates); otherwise on every token, with a
   warning.
 
-Errors are :class:`DataError` (a ``ValueError``) with the file and line number.
+The file is UTF-8 (a leading byte-order mark is skipped), one object per
+``\\n``-ended line (``\\r\\n`` too); blank lines are skipped. It is read lazily
+(:func:`iter_jsonl`): :func:`load_calibration_samples` stops at the last row it
+needs, and :func:`count_rows` counts lines in binary without parsing them.
+
+Errors are :class:`DataError` (a ``ValueError``) on one line, with the file and
+line number: bytes that are not UTF-8, JSON that does not parse (including
+nesting too deep for the parser and integers beyond Python's digit limit), a
+line that is not an object, a missing or mistyped field, and strings holding
+lone surrogates (``\\ud800`` escapes), which tokenizers cannot take.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,29 +55,131 @@ class EncodedSample:
         return {"input_ids": self.input_ids, "labels": self.labels}
 
 
-def read_jsonl(path: str, limit: Optional[int] = None) -> List[Tuple[int, dict]]:
-    """``(line number, object)`` for the non-blank lines of a JSONL file (at most ``limit``)."""
-    rows: List[Tuple[int, dict]] = []
+_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_JSON_TYPES = {"list": "an array", "str": "a string", "int": "a number", "float": "a number",
+               "bool": "true/false", "NoneType": "null"}
+_BLANK_AFTER_BOM = re.compile(rb"\xef\xbb\xbf[ \t\n\r\x0b\x0c]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _open(path: str):
     try:
-        handle = open(path, encoding="utf-8")
+        return open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"data file {path} does not exist") from None
     except OSError as error:
         raise DataError(f"cannot read data file {path}: {error.strerror}") from None
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+
+
+def _json_error(error: json.JSONDecodeError) -> str:
+    # Some of json's messages end in "at" and expect the position to follow.
+    message = error.msg[:-3] if error.msg.endswith(" at") else error.msg
+    return f"not valid JSON ({message} at column {error.colno})"
+
+
+def _decode_line(raw: bytes, where: str, first: bool) -> str:
+    """The text of one line, without its BOM (first line) and line end; decoded
+    from a view of ``raw``, so a long line is not copied as bytes."""
+    if first and raw.startswith(_UTF16_BOMS):
+        raise DataError(f"{where}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    start = 0
+    if raw.startswith(_BOM):
+        if not first:
+            raise DataError(
+                f"{where}: a UTF-8 byte-order mark, which only the start of the file may have (files joined together?)"
+            )
+        start = len(_BOM)
+    end = len(raw)
+    if end > start and raw[end - 1] == 0x0A:
+        end -= 1
+        if end > start and raw[end - 1] == 0x0D:
+            end -= 1
+    try:
+        return str(memoryview(raw)[start:end], "utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{where}: not valid UTF-8 (byte 0x{raw[start + error.start]:02x} at byte {error.start + 1} of the line)"
+        ) from None
+
+
+def _parse_line(text: str, where: str) -> Any:
+    """One line's JSON value; every way ``json`` can fail on it is a :class:`DataError` naming ``where``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: {_json_error(error)}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to parse") from None
+    except ValueError as error:  # e.g. an integer longer than Python's int-conversion limit
+        reason = str(error).split(";")[0].split("\n")[0]
+        raise DataError(f"{where}: cannot parse this JSON ({reason})") from None
+
+
+def iter_jsonl(path: str) -> Iterator[Tuple[int, dict]]:
+    """``(line number, object)`` for the non-blank lines of a JSONL file, read and
+    parsed one line at a time, only as far as the caller iterates.
+
+    Lines end in ``\\n`` (``\\r\\n`` too); a UTF-8 byte-order mark at the start
+    is skipped. A line that is not UTF-8, not JSON, or not a JSON object is a
+    :class:`DataError` with ``path:line``. Blank lines (ASCII whitespace only)
+    are skipped but counted in the line numbers."""
+    with _open(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw or raw.isspace() or (number == 1 and _BLANK_AFTER_BOM.fullmatch(raw)):
+                continue  # blank (neither test copies the line, unlike strip())
+            where = f"{path}:{number}"
+            text = _decode_line(raw, where, number == 1)
+            del raw  # one copy of a (possibly long) line at a time
+            row = _parse_line(text, where)
+            del text
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((number, row))
+                kind = _JSON_TYPES.get(type(row).__name__, type(row).__name__)
+                raise DataError(f"{where}: expected a JSON object, got {kind}")
+            yield number, row
+
+
+def read_jsonl(path: str, limit: Optional[int] = None) -> List[Tuple[int, dict]]:
+    """``(line number, object)`` for the non-blank lines of a JSONL file (at most
+    ``limit``; lines after those are not read). See :func:`iter_jsonl`."""
+    rows: List[Tuple[int, dict]] = []
+    if limit is not None and limit <= 0:
+        return rows
+    iterator = iter_jsonl(path)
+    try:
+        for item in iterator:
+            rows.append(item)
             if limit is not None and len(rows) >= limit:
                 break
+    finally:
+        iterator.close()
     return rows
+
+
+def count_rows(path: str, chunk_size: int = 1 << 20) -> int:
+    """The non-blank lines of a JSONL file, counted the way :func:`iter_jsonl`
+    numbers them but without decoding or parsing anything: read in binary, in
+    chunks of ``chunk_size`` bytes (constant memory, whatever the line lengths)."""
+    count = 0
+    pending = False  # the current (unfinished) line has a non-blank byte
+    first = True
+    with _open(path) as handle:
+        while True:
+            chunk = handle.read(max(chunk_size, len(_BOM)) if first else chunk_size)
+            if not chunk:
+                break
+            if first:
+                if chunk.startswith(_BOM):
+                    chunk = chunk[len(_BOM):]
+                first = False
+            pieces = chunk.split(b"\n")
+            for piece in pieces[:-1]:
+                if pending or (piece and not piece.isspace()):
+                    count += 1
+                pending = False
+            if pieces[-1] and not pieces[-1].isspace():
+                pending = True
+    return count + int(pending)
 
 
 def row_format(row: dict, where: str) -> str:
@@ -89,7 +201,18 @@ def _string_field(row: dict, key: str, where: str) -> str:
     value = row[key]
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    _check_text(value, f"field '{key}'", where)
     return value
+
+
+def _check_text(text: str, what: str, where: str) -> None:
+    # JSON escapes such as \ud800 can make strings that are not Unicode text; tokenizers reject them with a TypeError.
+    found = _SURROGATE.search(text)
+    if found:
+        raise DataError(
+            f"{where}: {what} holds a lone surrogate (\\u{ord(found.group()):04x} at character {found.start() + 1}), "
+            "which is not text"
+        )
 
 
 def _ids(tokenizer, text: str, add_special_tokens: bool) -> List[int]:
@@ -126,6 +249,7 @@ def _encode_messages(tokenizer, row: dict, where: str, warned: Dict[str, bool]) 
         full = _render(tokenizer, messages, False)
     except Exception as error:  # jinja errors, raise_exception() in templates
         raise DataError(f"{where}: the chat template failed on this conversation: {error}") from None
+    _check_text(full, "the rendered conversation", where)
     # Character spans of the assistant turns, from renderings of the conversation's prefixes.
     spans: List[Tuple[int, int]] = []
     prefix_ok = True
@@ -196,7 +320,7 @@ def encode_row(number: int, row: dict, tokenizer: Any, *, max_length: int, trunc
 
 
 def encode_rows(
-    rows: Sequence[Tuple[int, dict]],
+    rows: Iterable[Tuple[int, dict]],
     tokenizer: Any,
     *,
     max_length: int,
@@ -206,18 +330,22 @@ def encode_rows(
 ) -> List[EncodedSample]:
     """Tokenize ``(line, row)`` pairs, at most ``limit`` samples. Sequences longer
     than ``max_length`` are cut (or, with ``truncate=False``, rejected); rows
-    left with no loss token by the cut are skipped (logged)."""
+    left with no loss token by the cut are skipped (logged). ``rows`` may be a
+    lazy iterator (:func:`iter_jsonl`): no row is taken from it once ``limit``
+    samples are made."""
     warned: Dict[str, bool] = {}
     samples: List[EncodedSample] = []
     skipped: List[int] = []
+    if limit is not None and limit <= 0:
+        return samples
     for number, row in rows:
-        if limit is not None and len(samples) >= limit:
-            break
         sample = encode_row(number, row, tokenizer, max_length=max_length, truncate=truncate, path=path, warned=warned)
         if sample is None:
             skipped.append(number)
         else:
             samples.append(sample)
+            if limit is not None and len(samples) >= limit:
+                break
     if skipped:
         logger.warning(
             "%d row(s) skipped: no token with a loss within --max-length %d (first: %s:%d)",
@@ -230,13 +358,35 @@ def load_calibration_samples(
     path: str, tokenizer: Any, num_samples: int, *, max_length: int, truncate: bool = True
 ) -> List[EncodedSample]:
     """The first ``num_samples`` usable rows of a JSONL file, tokenized; fewer
-    than asked is an error."""
-    rows = read_jsonl(path)
-    samples = encode_rows(rows, tokenizer, max_length=max_length, truncate=truncate, path=path, limit=num_samples)
+    than asked is an error. The file is read and parsed only up to the last row
+    needed (and the file buffer's read-ahead); the lines after it are not parsed."""
+    rows = iter_jsonl(path)
+    seen = 0
+
+    def counted() -> Iterator[Tuple[int, dict]]:
+        nonlocal seen
+        for item in rows:
+            seen += 1
+            yield item
+
+    try:
+        samples = encode_rows(counted(), tokenizer, max_length=max_length, truncate=truncate, path=path, limit=num_samples)
+    finally:
+        rows.close()
     if len(samples) < num_samples:
-        usable = "usable " if len(samples) < len(rows) else ""
-        raise DataError(
-            f"{path} has {len(samples)} {usable}row(s) but --samples {num_samples} were asked; "
-            f"pass --samples {len(samples)} or add data"
-        )
+        raise DataError(short_data_message(path, seen, len(samples), num_samples, max_length))
     return samples
+
+
+def short_data_message(name: str, rows: int, usable: int, num_samples: int, max_length: int) -> str:
+    """The error for data with fewer usable rows than ``--samples`` asks for
+    (``rows`` rows, ``usable`` of them usable once cut to ``max_length``)."""
+    if rows == 0:
+        return f"{name} has no rows (it is empty or only blank lines)"
+    if usable == 0:
+        return (
+            f"{name} has {rows} row(s) but none is usable: cut to --max-length {max_length}, "
+            "none keeps a token with a loss; raise --max-length"
+        )
+    qualifier = "usable " if usable < rows else ""
+    return f"{name} has {usable} {qualifier}row(s) but --samples {num_samples} were asked; pass --samples {usable} or add data"

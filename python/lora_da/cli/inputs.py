@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, List, Union
 
-from ..data import DataError, EncodedSample, encode_rows, load_calibration_samples
+from ..data import DataError, EncodedSample, encode_rows, load_calibration_samples, short_data_message
+from ..data import count_rows as _count_rows
 from ..models import batches
 from .errors import UsageError
 
@@ -21,7 +22,7 @@ def encode_data(
         rows = list(enumerate(data, start=1))
         samples = encode_rows(rows, tokenizer, max_length=max_length, truncate=truncate, path="<data>", limit=num_samples)
         if len(samples) < num_samples:
-            raise DataError(f"{len(samples)} usable rows but --samples {num_samples} were asked")
+            raise DataError(short_data_message("the data", len(rows), len(samples), num_samples, max_length))
         return samples
     except DataError as error:
         raise UsageError(str(error)) from None
@@ -37,6 +38,10 @@ def make_loader(samples: List[EncodedSample], tokenizer: Any, batch_size: int) -
 
 
 def count_rows(path: str) -> int:
-    """The non-blank lines of a JSONL file (the default ``--train-size``)."""
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+    """The non-blank lines of a JSONL file (the default ``--train-size``), counted
+    in binary without parsing, in constant memory; an unreadable file is a
+    :class:`UsageError`."""
+    try:
+        return _count_rows(path)
+    except DataError as error:
+        raise UsageError(str(error)) from None
