@@ -155,3 +155,31 @@ def test_init_on_gpt2_conv1d_writes_the_adapter_peft_loads(data_file, tmp_path):
     assert set(load_file(str(out / "adapter_model.safetensors"))) == {
         f"{prefix}{name}.lora_{ab}.weight" for name in init.modules for ab in "AB"
     }
+
+
+# -- the phase table ------------------------------------------------------------------------
+
+
+def test_phase_table_adds_up_to_the_run_and_names_the_summary_total(model_dir, data_file, tmp_path, capsys):
+    import re
+    import time
+
+    start = time.perf_counter()
+    assert cli.main(init_args(model_dir, data_file, tmp_path / "adapter")) == 0
+    wall = time.perf_counter() - start
+    lines = capsys.readouterr().out.splitlines()
+    summary_total = float(re.search(r"total (\d+\.\d+)s", next(l for l in lines if l.startswith("phases:"))).group(1))
+    head = lines.index(next(l for l in lines if l.startswith("phase ")))
+    rows = {}
+    for line in lines[head + 1 :]:
+        name, seconds = line[:15].strip(), float(line[15:25])
+        rows[name] = seconds
+        if name == "initialize":
+            break
+    total, initialize = rows.pop("total"), rows.pop("initialize")
+    assert {"load model", "tokenize", "statistics", "factor prep", "solve", "init setup", "save", "write report"} == set(rows)
+    assert abs(sum(rows.values()) - total) <= 0.005 * len(rows) + 1e-9  # the rows add up to the total
+    assert abs(initialize - summary_total) <= 0.006  # the summary's total, printed as such
+    inside = sum(rows[p] for p in ("statistics", "factor prep", "solve", "init setup"))
+    assert abs(inside - initialize) <= 0.05 + 0.02 * initialize
+    assert total <= wall + 0.01 and wall - total < 0.5 + 0.05 * wall  # the total is the run's wall time

@@ -8,9 +8,11 @@ Commands:
   (``--tiny``: a built-in tiny random Llama, no extra packages) (:mod:`.demo`).
 * ``lora-da bench`` — the init's cost against one plain forward+backward pass (:mod:`.bench`).
 
-Bad input (missing model, malformed data, ...) gives a one-line error and exit
-code 2; ``--out`` is written atomically (a temporary sibling directory renamed
-into place), so a failed run leaves nothing there.
+Bad input (missing model, malformed data, an unusable ``--out``, ...) gives a
+one-line error and exit code 2; ``--out`` is checked before the model is loaded
+and written atomically (a temporary sibling directory swapped into place), so a
+failed run leaves nothing there. Only an earlier lora-da output (its marker file
+``.lora-da-output`` names every entry) is ever replaced (:mod:`.output`).
 
 The other modules: :mod:`.parser` (options), :mod:`.errors` (:class:`UsageError`),
 :mod:`.hf_model` (loading the model), :mod:`.inputs` (the data), :mod:`.output`

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from typing import Sequence, Union
 
@@ -17,6 +18,9 @@ from .errors import UsageError
 from .hf_model import load_model_and_tokenizer, resolve_max_length
 from .init import target_modules_arg
 from .inputs import count_rows, encode_data, make_loader
+from .output import check_parent
+
+BENCH_COMMAND = "lora-da bench"
 
 
 def _sync(device: Union[torch.device, str]) -> None:
@@ -46,9 +50,58 @@ def plain_pass_seconds(model: nn.Module, loader: Sequence[dict]) -> float:
     return seconds
 
 
+def _earlier_bench_json(path: str) -> bool:
+    """Whether ``path`` holds what an earlier ``lora-da bench --json`` wrote."""
+    try:
+        if os.path.getsize(path) > 1 << 20:
+            return False
+        with open(path, encoding="utf-8") as f:
+            numbers = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(numbers, dict):
+        return False
+    return numbers.get("command") == BENCH_COMMAND or {"model", "seconds", "backends", "tokens"} <= set(numbers)
+
+
+def check_json_out(path: str) -> None:
+    """Refuse a ``--json`` path before any work: a link, a directory, a missing or
+    unwritable directory, or an existing file other than an earlier bench JSON."""
+    target = os.path.abspath(path)
+    if os.path.islink(target):
+        raise UsageError(f"--json {path} is a symbolic link; pass the file itself")
+    if os.path.isdir(target):
+        raise UsageError(f"--json {path} is a directory")
+    if not os.path.isdir(os.path.dirname(target)):
+        raise UsageError(f"--json {path}: directory {os.path.dirname(target)} does not exist")
+    check_parent(target, "--json")
+    if os.path.lexists(target) and not (os.path.isfile(target) and _earlier_bench_json(target)):
+        raise UsageError(f"--json {path} exists and is not an earlier lora-da bench output; choose another file")
+
+
+def write_json_atomically(path: str, numbers: dict) -> None:
+    """Write ``numbers`` to ``path`` through a temporary file renamed into place
+    (with the user's umask)."""
+    target = os.path.abspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.lora-da-tmp-", dir=os.path.dirname(target))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600
+        with os.fdopen(fd, "w") as f:
+            json.dump(numbers, f, indent=2)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """``lora-da bench``: print the init's phase times next to one plain
     forward+backward pass (and write them to ``--json``); returns the exit code."""
+    if args.json:
+        check_json_out(args.json)
     if isinstance(args.data, str) and not os.path.isfile(args.data):
         raise UsageError(f"data file {args.data} does not exist")
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device)
@@ -91,21 +144,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{name:<26} {seconds:>9.3f} {seconds / plain:>13.2f} {rate}")
     print(f"init overhead: {init.timings['total'] / plain:.2f}x one plain forward+backward pass")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "model": os.path.abspath(args.model),
-                    "device": device,
-                    "dtype": args.dtype,
-                    "samples": len(samples),
-                    "tokens": tokens,
-                    "batch_size": args.batch_size,
-                    "rank": args.rank,
-                    "modules": len(init.modules),
-                    "seconds": dict(rows),
-                    "backends": init.backends,
-                },
-                f,
-                indent=2,
-            )
+        numbers = {
+            "command": BENCH_COMMAND,
+            "model": os.path.abspath(args.model),
+            "device": device,
+            "dtype": args.dtype,
+            "samples": len(samples),
+            "tokens": tokens,
+            "batch_size": args.batch_size,
+            "rank": args.rank,
+            "modules": len(init.modules),
+            "seconds": dict(rows),
+            "backends": init.backends,
+        }
+        try:
+            write_json_atomically(args.json, numbers)
+        except OSError as error:
+            raise UsageError(f"cannot write --json {args.json}: {error.strerror or error}") from None
     return 0

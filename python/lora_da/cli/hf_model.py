@@ -38,18 +38,24 @@ def first_line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
-def load_model_and_tokenizer(
-    model_dir: str, dtype: str = "float32", device: Optional[str] = None
-) -> Tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """A causal LM (in eval mode, on ``device``) and its tokenizer from a Hugging
-    Face model directory, offline; every failure is a :class:`UsageError` with a
-    one-line reason."""
+def check_model_dir(model_dir: str) -> None:
+    """Refuse a ``--model`` that is not a directory holding ``config.json`` (cheap;
+    before any other check or work)."""
     if not os.path.exists(model_dir):
         raise UsageError(f"model directory {model_dir} does not exist")
     if not os.path.isdir(model_dir):
         raise UsageError(f"--model must be a Hugging Face model directory, {model_dir} is a file")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         raise UsageError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+
+
+def load_model_and_tokenizer(
+    model_dir: str, dtype: str = "float32", device: Optional[str] = None
+) -> Tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """A causal LM (in eval mode, on ``device``) and its tokenizer from a Hugging
+    Face model directory, offline; every failure is a :class:`UsageError` with a
+    one-line reason."""
+    check_model_dir(model_dir)
     # Deferred: transformers is an optional extra (lora-da[hf]) and slow to import.
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -103,7 +103,11 @@ def _add_hyper(p: argparse.ArgumentParser, defaults: LoraDAConfig) -> None:
     o = p.add_argument_group("adapter and report")
     o.add_argument("--lora-alpha", type=float, default=None, help="the adapter's lora_alpha (scaling s = lora_alpha/r); default PEFT's")
     o.add_argument("--use-rslora", action="store_true", help="s = lora_alpha/√r")
-    o.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    o.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier lora-da output at --out (a directory holding anything else is never replaced)",
+    )
     o.add_argument(
         "--report-eigenvalues",
         type=int,
@@ -122,8 +126,12 @@ examples:
                                   "adapter/", is_trainable=True)
 
 writes to --out: adapter_config.json, adapter_model.safetensors (a PEFT adapter),
-lora_da_report.json, and lora_da_report.png/.html when matplotlib is installed.
-Errors (bad model dir, malformed JSONL line, ...) exit with code 2 and write nothing.
+lora_da_report.json, and lora_da_report.png/.html when matplotlib is installed,
+plus the marker .lora-da-output naming them. --out must be a new or empty
+directory, or (with --overwrite) an earlier lora-da output; it may not be or
+contain the current, model or data directory, nor lie inside the model directory.
+Errors (bad model dir, malformed JSONL line, unusable --out, ...) exit with code 2
+and write nothing; --out is checked before the model is loaded.
 """
 
 
@@ -163,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--tiny", action="store_true", help="use the built-in tiny random Llama (seconds, no extras)")
     demo.add_argument(
-        "--out", default="lora-da-demo", metavar="DIR", help="where the adapter and report go (an earlier demo output there is replaced)"
+        "--out",
+        default="lora-da-demo",
+        metavar="DIR",
+        help="where the adapter and report go (an earlier lora-da output there is replaced, nothing else)",
     )
     _add_model_data(demo, defaults, need_model=False, max_length=256)
     demo.set_defaults(samples=32)
