@@ -163,6 +163,8 @@ def _plan_summary(
         ("target modules", f"{len(targets)} modules (sha256 {hashlib.sha256(description).hexdigest()[:12]})"),
         ("max_memory (the modules per pass it plans)", [len(group) for group in passes]),
         ("model", "FSDP2 / DTensor (collective forward passes)" if collective else "local forward passes"),
+        # uneven shares are fine with local forward passes, not with collective ones
+        ("max_batches (under FSDP2)", config.max_batches if collective else None),
         ("batches", _batch_count(loader, config.max_batches) if collective and reads_data else None),
     ]
 
