@@ -35,6 +35,22 @@ def shard(scenario: str, rank: int, world: int):
     raise ValueError(scenario)
 
 
+# scenarios of misuse: each rank runs these cases in turn and records the error of each
+# world 2: arguments that differ between the ranks (or gather_to outside the group), then FSDP2
+# with 3 batches on rank 0 and 2 on rank 1, as lists (len() known) and as generators
+MISUSE = ("rank", "gather_to", "gather_to_range", "fsdp_lists", "fsdp_generators")
+
+
+def misuse_kwargs(case: str, rank: int) -> dict:
+    if case == "rank":  # with gather_to=0, today's code aborted in gather_module_inits
+        return {"rank": RANK if rank == 0 else RANK + 1, "gather_to": 0}
+    if case == "gather_to":
+        return {"gather_to": 0 if rank == 0 else None}
+    if case == "gather_to_range":
+        return {"gather_to": 2}  # the same on every rank, but there are only 2 ranks
+    return {}
+
+
 def union(scenario: str):
     return all_batches()
 
@@ -60,28 +76,50 @@ def summarize(init):
     }
 
 
-def run(rank: int, world: int, port: int, scenario: str, out_dir: str) -> None:
+def fsdp2(model, world: int) -> None:
+    """FSDP2 in place: parameters sharded, forward hooks see full activations."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def run(rank: int, world: int, port: int, scenario: str, out_dir: str, timeout_s: float = 60.0) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     try:
         model = tiny_llama(dtype=torch.float64)
         kwargs = dict(rank=RANK, train_size=TRAIN_SIZE, progress=False)
         if scenario == "even":
             model = torch.nn.parallel.DistributedDataParallel(model)
-        if scenario == "fsdp":  # FSDP2: parameters sharded, forward hooks see full activations
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh("cpu", (world,))
-            for layer in model.model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+        if scenario == "fsdp":
+            fsdp2(model, world)
         if scenario == "uneven":
             kwargs["gather_to"] = 0
         if scenario == "raise":
             kwargs["loss_fn"] = raising_loss
+        if scenario == "misuse":  # {case: error text, or None when it did not raise}
+            errors = {}
+            for case in MISUSE:
+                data = shard("even", rank, world)
+                if case.startswith("fsdp"):
+                    if case == "fsdp_lists":
+                        fsdp2(model, world)
+                    data = all_batches()[: 3 - rank]
+                if case == "fsdp_generators":
+                    data = iter(data)
+                try:
+                    lora_da.initialize(model, data, **{**kwargs, **misuse_kwargs(case, rank)})
+                    errors[case] = None
+                except Exception as error:
+                    errors[case] = f"{type(error).__name__}: {error}"
+            torch.save(errors, os.path.join(out_dir, f"rank{rank}.pt"))
+            return
         try:
             if scenario == "methods":  # {method: summary}
                 data = shard(scenario, rank, world)

@@ -6,6 +6,7 @@ float32 factors to float32 resolution.
 """
 
 import socket
+import time
 
 import pytest
 import torch
@@ -27,10 +28,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(world: int, scenario: str, tmp_path):
-    mp.start_processes(
-        worker.run, args=(world, free_port(), scenario, str(tmp_path)), nprocs=world, join=True, start_method="spawn"
+def spawn(world: int, scenario: str, tmp_path, timeout_s: float = 60.0):
+    """Run ``scenario`` on ``world`` ranks (process-group timeout ``timeout_s``); fail the test
+    when a rank aborts or when they are not done within 3 x ``timeout_s``."""
+    context = mp.start_processes(
+        worker.run, args=(world, free_port(), scenario, str(tmp_path), timeout_s), nprocs=world, join=False,
+        start_method="spawn",
     )
+    deadline = time.monotonic() + 3 * timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"scenario {scenario!r} hung: still running after {3 * timeout_s:.0f} s")
     results, errors = {}, {}
     for rank in range(world):
         ok, err = tmp_path / f"rank{rank}.pt", tmp_path / f"rank{rank}.err"
@@ -121,3 +131,48 @@ def test_a_rank_raising_makes_every_rank_raise_the_same(tmp_path):
     assert errors[0] == errors[1]
     assert errors[0].startswith("DistributedError: lora-da: rank 1 failed during the statistics pass")
     assert "boom on rank 1" in errors[0]
+
+
+# -- misuse: every rank raises the same DistributedError instead of aborting or hanging --------
+
+
+@pytest.fixture(scope="module")
+def misuse(tmp_path_factory):
+    """Error text per case and rank of the "misuse" scenario (worker.MISUSE), run once for the
+    tests below; a short process-group timeout, so that a hang fails fast."""
+    results, errors = spawn(2, "misuse", tmp_path_factory.mktemp("misuse"), timeout_s=20)
+    assert not errors and set(results) == {0, 1}, errors
+    return results
+
+
+def same_error_on_every_rank(results, case):
+    texts = [results[rank][case] for rank in (0, 1)]
+    assert texts[0] is not None and texts[0] == texts[1], texts
+    assert texts[0].startswith("DistributedError: lora-da: "), texts[0]
+    return texts[0]
+
+
+def test_a_different_rank_per_rank_raises_on_every_rank(misuse):
+    text = same_error_on_every_rank(misuse, "rank")
+    assert "same arguments" in text and f"rank: {worker.RANK} on rank 0, {worker.RANK + 1} on rank 1" in text
+    assert "gather_to" not in text  # only what differs is named
+
+
+def test_a_different_gather_to_per_rank_raises_on_every_rank(misuse):
+    text = same_error_on_every_rank(misuse, "gather_to")
+    assert "gather_to: 0 on rank 0, None on rank 1" in text
+
+
+def test_gather_to_outside_the_group_raises_on_every_rank(misuse):
+    text = same_error_on_every_rank(misuse, "gather_to_range")
+    assert "gather_to=2 is not a rank of this process group (ranks 0..1)" in text
+
+
+def test_fsdp2_uneven_loader_lengths_raise_on_every_rank_before_the_pass(misuse):
+    text = same_error_on_every_rank(misuse, "fsdp_lists")
+    assert "same number of batches" in text and "3 on rank 0, 2 on rank 1" in text
+
+
+def test_fsdp2_uneven_generators_raise_on_every_rank_when_one_runs_out(misuse):
+    text = same_error_on_every_rank(misuse, "fsdp_generators")
+    assert "rank(s) 1 ended after 2 batches while that of rank(s) 0 had more" in text

@@ -81,6 +81,8 @@ def statistics_pass(
     """One statistics pass over ``loader``; all-reduced (and its totals checked alike on
     every rank) under torch.distributed. Adds its seconds to ``timings``."""
     run_distributed = distributed.is_active()
+    if run_distributed and distributed.forward_is_collective(model):  # FSDP2: the ranks agree before each batch
+        loader = distributed.AgreedBatches(loader, config.max_batches, model_device(model))
 
     def collect() -> KFACStatistics:
         return collect_statistics(
@@ -145,10 +147,15 @@ def run(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
     method = get_method(config.method)
     options = config.options
     model = distributed.unwrap_model(model)
-    targets = find_target_modules(model, config.target_modules, config.rank)
-    check_loader(method, loader)
-    method.check_targets(targets, config.rank, options)
-    passes = plan(model, loader, method, targets, config)
+
+    def prepare():
+        targets = find_target_modules(model, config.target_modules, config.rank)
+        check_loader(method, loader)
+        method.check_targets(targets, config.rank, options)
+        return targets, plan(model, loader, method, targets, config)
+
+    # under torch.distributed every rank checks that all were called alike (or all raise the same error)
+    targets, passes = distributed.agree(config, model, loader, prepare) if distributed.is_active() else prepare()
 
     timings: Dict[str, float] = {phase: 0.0 for phase in PHASES}
     backends: Dict[str, str] = {}
