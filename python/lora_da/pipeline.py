@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import distributed
+from . import distributed, distributed_agreement
 from .config import LoraDAConfig
 from .memory import is_reiterable, plan_passes, statistics_budget
 from .methods import get_method
@@ -81,8 +81,8 @@ def statistics_pass(
     """One statistics pass over ``loader``; all-reduced (and its totals checked alike on
     every rank) under torch.distributed. Adds its seconds to ``timings``."""
     run_distributed = distributed.is_active()
-    if run_distributed and distributed.forward_is_collective(model):  # FSDP2: the ranks agree before each batch
-        loader = distributed.AgreedBatches(loader, config.max_batches, model_device(model))
+    if run_distributed and distributed_agreement.forward_is_collective(model):  # FSDP2: the ranks agree before each batch
+        loader = distributed_agreement.AgreedBatches(loader, config.max_batches, model_device(model))
 
     def collect() -> KFACStatistics:
         return collect_statistics(
@@ -155,7 +155,7 @@ def run(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
         return targets, plan(model, loader, method, targets, config)
 
     # under torch.distributed every rank checks that all were called alike (or all raise the same error)
-    targets, passes = distributed.agree(config, model, loader, prepare) if distributed.is_active() else prepare()
+    targets, passes = distributed_agreement.agree(config, model, loader, prepare) if distributed.is_active() else prepare()
 
     timings: Dict[str, float] = {phase: 0.0 for phase in PHASES}
     backends: Dict[str, str] = {}
