@@ -145,16 +145,34 @@ class Collector:
         )
 
     def state(self) -> dict:
-        """The sums and counts, for a checkpoint."""
+        """The sums and counts, for a checkpoint (:mod:`lora_da.checkpoint`): only tensors,
+        tuples/lists, str, int and bool, so that it is stored without pickle::
+
+            {"groups": [(members, Z_sum)], "modules": [(name, group_index, G_sum, y_sum)],
+             "counts": (num_samples, num_tokens, num_batches, skipped_batches, skipped_samples),
+             "forward_only": bool}
+
+        ``G_sum``/``y_sum`` are ``None`` after a forward-only pass.
+        """
         st = self.stats
         return {
-            "groups": [(g.members, g.input_factor_sum) for g in st.groups],
-            "modules": [(m.name, m.group_index, m.grad_sum, m.output_factor_diag_sum) for m in st.modules.values()],
-            "counts": (st.num_samples, st.num_tokens, st.num_batches, st.skipped_batches, st.skipped_samples),
-            "forward_only": self.forward_only,
+            "groups": [(tuple(g.members), g.input_factor_sum) for g in st.groups],
+            "modules": [
+                (m.name, int(m.group_index), m.grad_sum, m.output_factor_diag_sum) for m in st.modules.values()
+            ],
+            "counts": tuple(
+                int(c) for c in (st.num_samples, st.num_tokens, st.num_batches, st.skipped_batches, st.skipped_samples)
+            ),
+            "forward_only": bool(self.forward_only),
         }
 
     def restore(self, state: dict) -> None:
+        """Go on from ``state`` (as :meth:`state` returns it, e.g. read back and validated by
+        :meth:`lora_da.checkpoint.StatisticsCheckpoint.load`). ``ValueError`` when it names
+        modules that are not this pass's targets."""
+        unknown = sorted({name for name, _, _, _ in state["modules"]} - set(self.modules))
+        if unknown:
+            raise ValueError(f"saved statistics name modules that are not targets of this pass: {unknown[:5]}")
         st = self.stats
         st.groups = [InputGroup(members=tuple(members), input_factor_sum=z) for members, z in state["groups"]]
         st.modules = {
