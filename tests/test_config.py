@@ -4,6 +4,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from lora_da import LoraDAConfig
 from lora_da.methods.lora_ga import LoraGAOptions
@@ -34,6 +35,8 @@ def test_options_are_the_methods_dataclass():
         dict(token_mask="labels", loss_fn=lambda model, batch: None),
         dict(token_mask=lambda batch: None),
         dict(method="cntlora", method_options={"energy": 0.5}),
+        dict(seed=0),
+        dict(seed=2**64 - 1),
     ],
 )
 def test_valid_configs_are_accepted(kwargs):
@@ -73,6 +76,11 @@ def test_valid_configs_are_accepted(kwargs):
         (dict(max_memory="1GB"), "max_memory must be bytes"),
         (dict(max_memory=True), "max_memory must be bytes"),
         (dict(loss_fn=3), "loss_fn must be callable"),
+        (dict(seed=-1), r"^seed must be an int in \[0, 2\*\*64 - 1\], got -1$"),
+        (dict(seed=2**64), r"^seed must be an int in \[0, 2\*\*64 - 1\], got 18446744073709551616$"),
+        (dict(seed=True), r"^seed must be an int in \[0, 2\*\*64 - 1\], got True$"),
+        (dict(seed=1.0), r"^seed must be an int in \[0, 2\*\*64 - 1\], got 1.0$"),
+        (dict(seed="0"), r"^seed must be an int in \[0, 2\*\*64 - 1\], got '0'$"),
         (dict(method="loraga"), "method must be one of"),
         (dict(method="lora-ga", method_options={"gamma_s": 2}), "has no option 'gamma_s'"),
         (dict(method="cntlora", method_options={"energy": 2}), r"energy must lie in \(0, 1\]"),
@@ -81,3 +89,20 @@ def test_valid_configs_are_accepted(kwargs):
 def test_invalid_configs_are_refused_by_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoraDAConfig(**kwargs)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_bad_seed_is_refused_before_the_statistics_pass(seed):
+    """initialize(seed=-1) used to run the whole statistics pass and then fail in the solver."""
+    import lora_da
+    from lora_da.models import tiny_llama
+
+    class Untouchable:
+        def __iter__(self):
+            raise AssertionError("the loader was read")
+
+    model = tiny_llama()
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match="^seed must be an int in"):
+        lora_da.initialize(model, Untouchable(), rank=2, train_size=10, progress=False, seed=seed)
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())

@@ -502,3 +502,47 @@ def test_guard_is_checked_and_block_sizes_are_64_bit():
     result = lobpcg(a, 2, guard=500_000_000)
     assert result.dense_fallback and result.block_size == 20
     check_against_eigh(a, result, 2, tol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,expected",
+    [
+        (dict(seed=-1), ValueError, r"^lobpcg: seed=-1 must lie in \[0, 2\*\*64 - 1\]$"),
+        (dict(seed=2**64), ValueError, r"^lobpcg: seed=18446744073709551616 must lie in \[0, 2\*\*64 - 1\]$"),
+        (dict(seed=True), TypeError, r"^lobpcg: seed must be an int, got bool \(True\)$"),
+        (dict(seed=1.5), TypeError, r"^lobpcg: seed must be an int, got float \(1.5\)$"),
+        (dict(guard=2**40), ValueError, r"^lobpcg: guard=1099511627776 must lie in \[0, 2147483647\]$"),
+        (dict(guard=-1), ValueError, r"^lobpcg: guard=-1 must lie in \[0, 2147483647\]$"),
+        (dict(guard=True), TypeError, r"^lobpcg: guard must be an int, got bool"),
+        (dict(max_iter=True), TypeError, r"^lobpcg: max_iter must be an int, got bool \(True\)$"),
+        (dict(max_iter=2.0), TypeError, r"^lobpcg: max_iter must be an int, got float"),
+        (dict(max_iter=-1), ValueError, r"^lobpcg: max_iter=-1 must lie in \[0, 2147483647\]$"),
+        (dict(max_iter=2**40), ValueError, r"^lobpcg: max_iter=1099511627776 must lie in"),
+        (dict(tol="1e-3"), TypeError, r"^lobpcg: tol must be a float or None, got str"),
+        (dict(tol=True), TypeError, r"^lobpcg: tol must be a float or None, got bool"),
+        (dict(tol=float("nan")), ValueError, r"^lobpcg: tol must be finite and > 0 \(None = the default\), got nan$"),
+        (dict(tol=float("inf")), ValueError, r"^lobpcg: tol must be finite and > 0"),
+        (dict(tol=0.0), ValueError, r"^lobpcg: tol must be finite and > 0"),
+        (dict(k=True), TypeError, r"^lobpcg: k must be an int, got bool \(True\)$"),
+        (dict(k=2.5), TypeError, r"^lobpcg: k must be an int, got float \(2.5\)$"),
+    ],
+)
+@pytest.mark.parametrize("form", ["dense", "operator"])
+def test_lobpcg_arguments_are_checked_by_name(kwargs, error, expected, form):
+    """A caller of lobpcg sees its own argument named in one line (not a core request's field,
+    nor a bool or float silently taken as an int), before any work."""
+    if form == "dense":
+        problem = symmetric(2, 60, seed=3)
+    else:
+        delta, chol = lora_da_problem(2, 60, 20, seed=4)
+        problem = LoraDAOperator(delta, chol, alpha=1.0, variance_scale=0.02)
+    kwargs = {"k": 2, **kwargs}
+    with pytest.raises(error, match=expected) as excinfo:
+        lobpcg(problem, kwargs.pop("k"), **kwargs)
+    _one_line(excinfo)
+
+
+def test_lobpcg_takes_the_whole_seed_range():
+    a = symmetric(1, 60, seed=5)
+    for seed in (0, 2**63, 2**64 - 1):
+        check_against_eigh(a, lobpcg(a, 2, seed=seed), 2)

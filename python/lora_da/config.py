@@ -15,6 +15,10 @@ TargetModules = Union[None, str, Sequence[str]]
 
 TOKEN_MASK_MODES = ("attention", "labels", "all")
 
+# The seeds every consumer accepts: the compiled core's uint64 and torch.Generator.manual_seed
+# (which also takes negative ints, but maps them onto this range).
+MAX_SEED = 2**64 - 1
+
 
 def _is_int(value: object) -> bool:
     """An int that is not a bool (``True`` is an int to Python, never a count to us)."""
@@ -45,7 +49,8 @@ class LoraDAConfig:
         max_batches: stop after this many batches from the loader.
         preserve_output: subtract ``s·lora_B·lora_A`` from the base weight in
             :meth:`LoraInit.apply` so the model's output is unchanged at init.
-        seed: seed for any randomized step (solver start vectors).
+        seed: seed for any randomized step (solver start vectors, ``lora``'s
+            random ``lora_A``): an int in ``[0, 2**64 - 1]``.
         stats_backend: who accumulates the statistics: ``"auto"`` (Triton kernels
             on CUDA, the PyTorch reference elsewhere), ``"torch"`` or ``"triton"``.
         solver: eigensolver for Ω's r smallest eigenpairs: ``"auto"`` (the
@@ -138,6 +143,8 @@ class LoraDAConfig:
             raise ValueError(f"token_mask must be a string, None or a callable, got {self.token_mask!r}")
         if self.stats_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"stats_backend must be 'auto', 'torch' or 'triton', got {self.stats_backend!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**64 - 1], got {self.seed!r}")
         if self.gather_to is not None and (not _is_int(self.gather_to) or self.gather_to < 0):
             raise ValueError(f"gather_to must be a rank (int >= 0) or None, got {self.gather_to!r}")
         if not _is_int(self.checkpoint_every) or self.checkpoint_every < 1:

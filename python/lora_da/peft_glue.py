@@ -1,4 +1,11 @@
-"""Writing LoRA factors into PEFT models and PEFT adapter directories."""
+"""Writing LoRA factors into PEFT models and PEFT adapter directories.
+
+Every file written here (``adapter_config.json``, ``adapter_model.safetensors``,
+``lora_da_init.json``) is written atomically (a temporary file in the same
+directory, fsync'ed, renamed over the name) with the mode a plain ``open`` would
+give, ``0666 & ~umask``; ``adapter_config.json`` is byte-identical across runs
+(sets, such as PEFT's ``target_modules``, are written as sorted lists).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +13,14 @@ import json
 import math
 import os
 import re
+import tempfile
 import warnings
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
 
-from .layers import peft_lora_layers, stores_transposed_weight
+from .layers import is_conv1d, peft_lora_layers, stores_transposed_weight
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only: result imports this module
     from .result import LoraInit
@@ -113,6 +121,95 @@ def apply_to_peft_model(init: "LoraInit", peft_model: nn.Module, adapter_name: s
 
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # PEFT's CONFIG_NAME
+INIT_REPORT_NAME = "lora_da_init.json"
+
+
+def _umask() -> int:
+    """The process's umask (Linux: read from ``/proc``, leaving it untouched; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(temporary)`` into a temporary file beside ``path``, fsync it, give it the
+    mode ``0666 & ~umask`` (what ``open(path, "w")`` gives; ``mkstemp`` and safetensors
+    make 0600) and rename it over ``path``. A symlink at ``path`` is replaced, never followed;
+    on any error the temporary file is removed and ``path`` is left as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+    os.close(handle)
+    try:
+        write(temporary)
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.lexists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _write_atomically(path, write)
+
+
+def _write_tensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    _write_atomically(path, lambda temporary: save_file(tensors, temporary, metadata={"format": "pt"}))
+
+
+def _json_value(value: Any) -> Any:
+    """Sets (PEFT keeps ``target_modules`` as one) as sorted lists: the same bytes on every run."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=lambda item: (type(item).__name__, str(item)))
+    return value
+
+
+def adapter_config_json(config: Any) -> str:
+    """``adapter_config.json`` as PEFT's ``LoraConfig.save_pretrained`` writes it (its
+    ``to_dict``, ``indent=2``, ``sort_keys=True``), except that sets are written sorted
+    (PEFT writes them in hash order, which changes with ``PYTHONHASHSEED``)."""
+    return json.dumps({key: _json_value(value) for key, value in config.to_dict().items()}, indent=2, sort_keys=True)
+
+
+def _prepare_directory(save_directory: str) -> str:
+    save_directory = os.fspath(save_directory)
+    if os.path.exists(save_directory) and not os.path.isdir(save_directory):
+        raise ValueError(f"save_directory '{save_directory}' exists and is not a directory")
+    os.makedirs(save_directory, exist_ok=True)
+    return save_directory
+
+
+def _write_adapter(save_directory: str, config: Any, tensors: Dict[str, torch.Tensor]) -> None:
+    """The weights first (the large write, the likeliest to fail: then nothing was changed), then the config."""
+    _write_tensors(os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), tensors)
+    _write_text(os.path.join(save_directory, ADAPTER_CONFIG_NAME), adapter_config_json(config))
+
+
+def init_fan_in_fan_out(init: "LoraInit") -> bool:
+    """PEFT's ``fan_in_fan_out`` for ``init``'s targets: True when every one stores its weight
+    ``d_in x d_out`` (GPT-2 ``Conv1D``), as recorded in ``ModuleInit.transposed_weight``
+    (False where the init does not record it). PEFT corrects a wrong value per layer, with a warning."""
+    flags = [bool(getattr(m, "transposed_weight", False)) for m in init.modules.values()]
+    return bool(flags) and all(flags)
 
 
 def save_adapter(
@@ -122,14 +219,18 @@ def save_adapter(
     lora_alpha: Optional[float] = None,
     use_rslora: bool = False,
     base_model_name_or_path: Optional[str] = None,
+    task_type: Optional[str] = None,
+    fan_in_fan_out: Optional[bool] = None,
 ) -> None:
-    """Write a PEFT adapter directory (see :meth:`LoraInit.save_pretrained`)."""
-    try:
-        from peft import LoraConfig
-    except ImportError as error:  # pragma: no cover
-        raise ImportError("save_pretrained needs peft: pip install 'lora-da[hf]'") from error
-    from safetensors.torch import save_file
+    """Write a PEFT adapter directory (see :meth:`LoraInit.save_pretrained`).
 
+    ``task_type`` (e.g. ``"CAUSAL_LM"``) is recorded in ``adapter_config.json``, so that
+    ``PeftModel.from_pretrained`` makes the task's PEFT model class. ``fan_in_fan_out``
+    (``None``: from the init, see :func:`init_fan_in_fan_out`) is True for GPT-2 style
+    ``Conv1D`` targets. ``target_modules`` are the init's full module names, sorted.
+    Files are written atomically with the umask's mode (see the module doc).
+    """
+    peft = _require_peft()
     config_kwargs = dict(
         r=init.max_rank,
         rank_pattern=rank_pattern(init),
@@ -137,21 +238,22 @@ def save_adapter(
         use_rslora=use_rslora,
         base_model_name_or_path=base_model_name_or_path,
         init_lora_weights=True,
+        task_type=task_type,
+        fan_in_fan_out=init_fan_in_fan_out(init) if fan_in_fan_out is None else bool(fan_in_fan_out),
     )
     if lora_alpha is not None:
         config_kwargs["lora_alpha"] = lora_alpha
-    config = LoraConfig(**config_kwargs)
+    config = peft.LoraConfig(**config_kwargs)  # PEFT's own checks (e.g. task_type) before anything is written
     tensors = {}
     for name, module_init in init.modules.items():
         scaling = peft_scaling(config.lora_alpha, module_init.rank, use_rslora)
         lora_A, lora_B = factors_for_scaling(init, name, scaling)
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.detach().to("cpu").contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.detach().to("cpu").contiguous()
-    os.makedirs(save_directory, exist_ok=True)
-    config.save_pretrained(save_directory)
-    save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(save_directory, "lora_da_init.json"), "w") as f:
-        json.dump(init.report(), f, indent=2)
+    report = json.dumps(init.report(), indent=2)
+    save_directory = _prepare_directory(save_directory)
+    _write_adapter(save_directory, config, tensors)
+    _write_text(os.path.join(save_directory, INIT_REPORT_NAME), report)
 
 
 def _require_peft():
@@ -176,7 +278,7 @@ def load_init_adapter(base_model: nn.Module, save_directory: str, *, adapter_nam
     peft = _require_peft()
     kwargs.setdefault("is_trainable", True)
     peft_model = peft.PeftModel.from_pretrained(base_model, save_directory, adapter_name=adapter_name, **kwargs)
-    report_path = os.path.join(save_directory, "lora_da_init.json")
+    report_path = os.path.join(save_directory, INIT_REPORT_NAME)
     with open(report_path) as f:
         report = json.load(f)
     if str(report.get("base_weight", "unchanged")).startswith("offset"):
@@ -200,7 +302,10 @@ def get_peft_model_with_init(
     target_modules=<init's modules>, lora_alpha=..., **lora_config_kwargs))``
     followed by ``init.apply(peft_model)``. ``lora_alpha`` (PEFT's default
     when ``None``) and e.g. ``use_rslora``, ``lora_dropout`` go to the
-    ``LoraConfig``; ``r`` and ``target_modules`` come from ``init``.
+    ``LoraConfig``; ``r`` and ``target_modules`` come from ``init``. ``task_type``
+    (e.g. ``"CAUSAL_LM"``) goes to the ``LoraConfig`` too, so ``get_peft_model``
+    makes the task's PEFT model class. ``fan_in_fan_out`` defaults to True when
+    every target of ``init`` in ``model`` is a GPT-2 style ``Conv1D``.
 
     With ``preserve_output=True`` the base weights of ``model`` are modified in
     place (``W − s·B₀A₀``). Do not ship them: after training, save with
@@ -214,12 +319,25 @@ def get_peft_model_with_init(
             raise ValueError(f"'{key}' comes from the LoraInit; do not pass it")
     if lora_alpha is not None:
         lora_config_kwargs["lora_alpha"] = lora_alpha
+    if "fan_in_fan_out" not in lora_config_kwargs:
+        lora_config_kwargs["fan_in_fan_out"] = _targets_are_conv1d(model, init)
     config = peft.LoraConfig(
         r=init.max_rank, rank_pattern=rank_pattern(init), target_modules=sorted(init.modules), **lora_config_kwargs
     )
     peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
     init.apply(peft_model, adapter_name=adapter_name)
     return peft_model
+
+
+def _targets_are_conv1d(model: nn.Module, init: "LoraInit") -> bool:
+    """Every module of ``init`` is, in ``model``, a GPT-2 style ``Conv1D`` (PEFT's ``fan_in_fan_out``)."""
+    found = []
+    for name in init.modules:
+        try:
+            found.append(is_conv1d(model.get_submodule(name)))
+        except AttributeError:  # named otherwise in this model: PEFT's suffix match decides
+            return False
+    return bool(found) and all(found)
 
 
 def plain_lora_state(
@@ -267,8 +385,6 @@ def save_as_plain_lora(
     ``PeftModel.from_pretrained(original_base, save_directory)``.
     """
     peft = _require_peft()
-    from safetensors.torch import save_file
-
     if not init.modifies_base_weight:
         raise ValueError(
             "this LoraInit does not change the base weight (preserve_output=False, method "
@@ -292,8 +408,7 @@ def save_as_plain_lora(
         base_model_name_or_path=base_model_name_or_path,
         init_lora_weights=True,
         task_type=source.task_type,
+        fan_in_fan_out=source.fan_in_fan_out,
     )
     tensors = plain_lora_state(peft_model, init, adapter_name)
-    os.makedirs(save_directory, exist_ok=True)
-    config.save_pretrained(save_directory)
-    save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    _write_adapter(_prepare_directory(save_directory), config, tensors)

@@ -7,7 +7,8 @@ rounding. It is the oracle the iterative solvers are tested against.
 from __future__ import annotations
 
 import contextlib
-
+import math
+import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -43,6 +44,44 @@ def fix_column_signs(vectors: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------
 
 DEFAULT_MAX_ITER = 500
+MAX_COUNT = 2**31 - 1  # the core's BLAS sizes and iteration counts are 32-bit ints (csrc/bindings.cpp)
+MAX_SEED = 2**64 - 1  # the core's seed is a uint64
+
+
+def _as_int(name: str, value: object) -> int:
+    """``value`` as an int; one-line ``TypeError`` naming the argument for a bool or a non-integer."""
+    if isinstance(value, bool):
+        raise TypeError(f"lobpcg: {name} must be an int, got bool ({value!r})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"lobpcg: {name} must be an int, got {type(value).__name__} ({value!r})") from None
+
+
+def _check_int(name: str, value: object, low: int, high: int, high_text: str) -> int:
+    """``value`` as an int in ``[low, high]`` (``TypeError`` see :func:`_as_int`, ``ValueError`` out of range)."""
+    number = _as_int(name, value)
+    if not low <= number <= high:
+        raise ValueError(f"lobpcg: {name}={number} must lie in [{low}, {high_text}]")
+    return number
+
+
+def _check_options(k: object, largest: object, tol: object, max_iter: object, seed: object, guard: object) -> dict:
+    """The solver options checked in Python (so that a caller sees its own argument's name,
+    not the core's request field), as the fields both core requests take."""
+    _as_int("k", k)  # its range [1, n] is checked against the operator's size
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+            raise TypeError(f"lobpcg: tol must be a float or None, got {type(tol).__name__} ({tol!r})")
+        if not (math.isfinite(tol) and tol > 0):
+            raise ValueError(f"lobpcg: tol must be finite and > 0 (None = the default), got {tol!r}")
+    return dict(
+        guard=None if guard is None else _check_int("guard", guard, 0, MAX_COUNT, "2147483647"),
+        largest=bool(largest),
+        tol=None if tol is None else float(tol),
+        max_iter=_check_int("max_iter", max_iter, 0, MAX_COUNT, "2147483647"),
+        seed=_check_int("seed", seed, 0, MAX_SEED, "2**64 - 1"),
+    )
 
 
 @dataclass
@@ -219,28 +258,24 @@ def lobpcg(
             Default 1e-10 (float64), 2e-4 (float32). The largest principal
             angle to the exact eigenspace is then about
             ``≤ √k · threshold / (λ_{k+1} − λ_k)``.
-        max_iter: iteration cap; problems that hit it report ``converged=False``.
-        seed: the random start block is drawn from this seed (per problem).
-        guard: guard vectors beyond k (``>= 0``; default ``max(k, 8)``); when
+        max_iter: iteration cap (``[0, 2**31 - 1]``); problems that hit it report ``converged=False``.
+        seed: the random start block is drawn from this seed (per problem), an int in ``[0, 2**64 - 1]``.
+        guard: guard vectors beyond k (``[0, 2**31 - 1]``; default ``max(k, 8)``); when
             ``n < 5·(k + guard)`` a dense eigensolver runs instead (there LOBPCG's
             basis nearly fills the space and gains nothing).
         initial: optional start vectors ``(*B, n, j)`` (:class:`LoraDAOperator` only):
             the first ``min(j, k + guard)`` columns of the start block, the rest
             random. Need not be orthonormal, only independent. A good guess saves
             iterations; the answer is the same up to the tolerance.
+
+    Raises:
+        TypeError: ``k``, ``max_iter``, ``seed`` or ``guard`` not an int (a bool is
+            not one), ``tol`` not a number; one line naming the argument.
+        ValueError: an argument out of its range (``k`` outside ``[1, n]``, ...),
+            before any work.
     """
-    if tol is not None and not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}")
-    if max_iter < 0:
-        raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     # fields of both requests (see csrc/bindings.cpp); guard/tol None = the solver's default
-    options = dict(
-        guard=None if guard is None else int(guard),
-        largest=bool(largest),
-        tol=None if tol is None else float(tol),
-        max_iter=int(max_iter),
-        seed=int(seed),
-    )
+    options = _check_options(k, largest, tol, max_iter, seed, guard)
     if isinstance(matrix_or_operator, LoraDAOperator):
         op = matrix_or_operator
         delta = op.delta
@@ -289,7 +324,7 @@ def lobpcg(
                 preconditioner_stride=stride_p,
                 preconditioner_shift=[float(v) for v in shift.tolist()],
             )
-        k = int(k)
+        k = operator.index(k)
         if not 1 <= k <= n:
             raise ValueError(f"k={k} must lie in [1, {n}]")
         initial_fields, start = {}, None
@@ -328,7 +363,7 @@ def lobpcg(
         flat = matrix.to(dtype).reshape(-1, n, n).contiguous()
         batch = flat.shape[0]
         device, stream = _device_and_stream(flat)
-        k = int(k)
+        k = operator.index(k)
         if not 1 <= k <= n:
             raise ValueError(f"k={k} must lie in [1, {n}]")
         vectors = torch.empty(batch, k, n, dtype=dtype, device=flat.device)
