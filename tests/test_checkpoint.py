@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lora_da
-from lora_da.checkpoint import statistics_fingerprint
+from lora_da.fingerprint import statistics_fingerprint
 from lora_da.models import tiny_llama
 
 import kill_worker

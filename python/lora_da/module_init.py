@@ -35,6 +35,8 @@ class ModuleInit:
     # Smallest eigenvalues of Ω beyond the r above, when they were computed
     # (see LoraInit.truncate); None otherwise. Ascending, starts with `eigenvalues`.
     spectrum: Optional[torch.Tensor] = None
+    # The target stores W as d_in x d_out (GPT-2 Conv1D): PEFT's fan_in_fan_out.
+    transposed_weight: bool = False
 
     @property
     def rank(self) -> int:

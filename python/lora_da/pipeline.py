@@ -11,6 +11,7 @@ once, for all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Dict, List, Optional
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from . import distributed, distributed_agreement
 from .config import LoraDAConfig
+from .layers import is_conv1d
 from .memory import is_reiterable, plan_passes, statistics_budget
 from .methods import get_method
 from .methods.base import FORWARD_STATISTICS, Method, SolveContext
@@ -190,6 +192,8 @@ def run(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
         modules.update(pass_modules)
     if distributed.is_active():
         backends["distributed"] = f"torch.distributed ({dist.get_backend()}, {dist.get_world_size()} ranks)"
+    # recorded after the gather, so that every rank's copy knows its layout (PEFT's fan_in_fan_out)
+    modules = {name: dataclasses.replace(m, transposed_weight=is_conv1d(targets[name])) for name, m in modules.items()}
     timings["total"] = time.perf_counter() - start
     counts = _counts(stats)
     return LoraInit(

@@ -133,11 +133,17 @@ class LoraInit:
         lora_alpha: Optional[float] = None,
         use_rslora: bool = False,
         base_model_name_or_path: Optional[str] = None,
+        task_type: Optional[str] = None,
+        fan_in_fan_out: Optional[bool] = None,
     ) -> None:
         """Write a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
 
         ``lora_alpha`` (PEFT's default when ``None``) and ``use_rslora`` set the
-        adapter's scaling ``s``; use the values of your training config. Also
+        adapter's scaling ``s``; use the values of your training config.
+        ``task_type`` (e.g. ``"CAUSAL_LM"``) is recorded in ``adapter_config.json``;
+        ``fan_in_fan_out`` (``None``: True when every target stores its weight
+        transposed, GPT-2's ``Conv1D``) is PEFT's flag of that name. Every file is
+        written atomically with the user's umask. Also
         writes ``lora_da_init.json`` with :meth:`report`. Per-module ranks are
         written as PEFT's ``rank_pattern``.
 
@@ -155,6 +161,8 @@ class LoraInit:
             lora_alpha=lora_alpha,
             use_rslora=use_rslora,
             base_model_name_or_path=base_model_name_or_path,
+            task_type=task_type,
+            fan_in_fan_out=fan_in_fan_out,
         )
 
     def report(self) -> dict:

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import StatisticsCheckpoint, statistics_fingerprint
+from .checkpoint import StatisticsCheckpoint
+from .fingerprint import statistics_fingerprint
 from .collector import Collector
 from .kernels.dispatch import select_backend
 from .losses import (
