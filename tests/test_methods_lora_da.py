@@ -113,7 +113,7 @@ def test_damping_escalations_give_one_warning_at_the_callers_line(solver):
     message = str(warning.message)
     worst = max(raised, key=raised.get)
     assert message.startswith(f"{len(raised)} modules (")
-    assert f"needed more damping than damping=1e-12" in message
+    assert "needed more damping than damping=1e-12" in message
     assert f"up to {raised[worst]:.3g}x (damping {init.modules[worst].damping:g}) for '{worst}'" in message
     assert "fewer tokens than d_in" in message and "16 calibration tokens < d_in 32..64" in message
     assert "more calibration tokens or a larger damping=" in message

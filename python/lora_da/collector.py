@@ -339,7 +339,9 @@ class Collector:
         self.forward_order.append(name)
         # plain tensors only: a tensor subclass (e.g. a DTensor) would not mix with the plain buffer
         if type(output) is not torch.Tensor or not output.is_floating_point():
-            return  # not traced: its slot stays 0, finite
+            if self.output_sums is not None:
+                self.output_sums[slot].zero_()  # not traced: finite
+            return
         if self.output_sums is None:
             dtype = torch.float32 if output.device.type == "mps" else torch.float64
             self.output_sums = torch.zeros(len(self.modules), dtype=dtype, device=output.device)

@@ -53,7 +53,7 @@ def _first_members(context: SolveContext) -> Dict[int, str]:
     return first
 
 
-def report_escalations(context: SolveContext, by_group: Dict[int, InputFactor]) -> None:
+def _report_escalations(context: SolveContext, by_group: Dict[int, InputFactor]) -> None:
     """The pass's damping escalations, in one warning (or kept for the driver's
     :class:`~lora_da.methods.lora_da_reference.one_damping_summary`)."""
     stats = context.statistics
@@ -111,7 +111,7 @@ def solve_dense(context: SolveContext) -> Solution:
         result[name] = finish(name, eigenvalues, vectors)
     bar.close()
     clock.lap("solve")
-    report_escalations(context, by_group)
+    _report_escalations(context, by_group)
     return Solution(result, EIGH_BACKEND)
 
 
@@ -197,7 +197,7 @@ def solve_batched(context: SolveContext) -> Solution:
             RuntimeWarning,
         )
         backend += f" + {EIGH_BACKEND} for {len(redone)} modules"
-    report_escalations(context, by_group)
+    _report_escalations(context, by_group)
     return Solution({name: result[name] for name in context.names}, backend)
 
 
