@@ -9,6 +9,7 @@ relative (eigenvectors lose a few digits to the eigen-gap).
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -76,3 +77,69 @@ def test_beta_zero_gives_top_singular_vectors(mlp_setup):
         B0 = init.modules[name].lora_B.double() * math.sqrt(gamma)
         torch.testing.assert_close(B0.norm(dim=0), S[:rank], rtol=1e-5, atol=0)
         torch.testing.assert_close(-init.modules[name].eigenvalues, S[:rank] ** 2, rtol=1e-8, atol=1e-12)
+
+
+# -- damping escalations: one summary warning per initialize call -----------------------
+
+
+def _sixteen_tokens():
+    """16 calibration tokens (2 samples of 8): fewer than every d_in of the tiny Llama (32, 64)."""
+    from lora_da.models import batches, synthetic_samples
+
+    return list(batches(synthetic_samples(2, min_len=8, max_len=8, seed=3), 2))
+
+
+def _runtime_warnings(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("solver", ["auto", "eigh"])
+def test_damping_escalations_give_one_warning_at_the_callers_line(solver):
+    from lora_da.models import tiny_llama
+    from lora_da.user_warnings import DampingWarning
+
+    init, caught = _runtime_warnings(lambda: lora_da.initialize(
+        tiny_llama(), _sixteen_tokens(), rank=2, train_size=10, damping=1e-12, solver=solver, progress=False
+    ))
+    assert init.num_tokens == 16
+    raised = {name: m.damping / 1e-12 for name, m in init.modules.items() if m.damping > 1e-12}
+    assert len(raised) > 1  # several modules escalated ...
+    assert len(caught) == 1  # ... one warning
+    warning = caught[0]
+    assert warning.category is DampingWarning and warning.filename == __file__
+    message = str(warning.message)
+    worst = max(raised, key=raised.get)
+    assert message.startswith(f"{len(raised)} modules (")
+    assert "needed more damping than damping=1e-12" in message
+    assert f"up to {raised[worst]:.3g}x (damping {init.modules[worst].damping:g}) for '{worst}'" in message
+    assert "fewer tokens than d_in" in message and "16 calibration tokens < d_in 32..64" in message
+    assert "more calibration tokens or a larger damping=" in message
+
+
+def test_several_passes_give_one_damping_warning_per_initialize_call():
+    """max_memory splits the model into passes; the driver's one_damping_summary block
+    (here opened by the test, as pipeline.run does) sums every pass up in one warning."""
+    from lora_da.methods.lora_da_reference import one_damping_summary
+    from lora_da.models import tiny_llama
+
+    def call():
+        with one_damping_summary():
+            return lora_da.initialize(tiny_llama(), _sixteen_tokens(), rank=2, train_size=10, damping=1e-12,
+                                      max_memory=60_000, progress=False)
+
+    init, caught = _runtime_warnings(call)
+    assert init.passes > 1
+    raised = [name for name, m in init.modules.items() if m.damping > 1e-12]
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert str(caught[0].message).startswith(f"{len(raised)} modules (")
+
+
+def test_no_escalation_no_warning(mlp_setup):
+    model, loader = mlp_setup
+    init, caught = _runtime_warnings(lambda: lora_da.initialize(
+        model, loader, 2, target_modules=["fc1a", "fc2"], loss_fn=regression_loss, train_size=10, progress=False
+    ))
+    assert caught == [] and all(m.damping == 1e-6 for m in init.modules.values())

@@ -6,6 +6,8 @@ of operations inside LAPACK/BLAS calls, so they agree to ~1e-12 relative (σ fro
 the subspace iteration converges to ~1e-15 of σ here; its test bound is 1e-12).
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -70,9 +72,9 @@ def test_batched_preparation_equals_the_per_module_reference():
     rows = torch.randn(20, n, dtype=torch.float64, generator=generator)
     raw[3] = rows.T @ rows / 20 - 1e-3 * torch.eye(n, dtype=torch.float64)
     names = {group: f"layer{group}.proj" for group in raw}
-    with pytest.warns(RuntimeWarning, match="layer3.proj"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the escalation is recorded, not warned about here (the solve sums it up)
         factors = batched.prepare_input_factors(raw, names, damping)
-    with pytest.warns(RuntimeWarning, match="layer3.proj"):
         reference = {g: prepare_input_factor(z, damping, names[g]) for g, z in raw.items()}
     for group in raw:
         assert factors[group].damping == reference[group].damping

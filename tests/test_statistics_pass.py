@@ -1,17 +1,23 @@
 """The statistics pass (lora_da/statistics_pass.py, collect_statistics): G, Z and y against a
 token-loop oracle, autograd and plain hooks; token masks, padding, batch-size invariance,
-shared-input detection, the forward-only pass; a property test over random shapes.
+shared-input detection, the forward-only pass; a property test over random shapes; NaN/Inf
+traced to the first target module in forward order, host reads per batch, the progress bar.
 
 fp64 models are used where results are compared across runs (batch-size
 invariance), so that only accumulation order differs: agreement to 1e-8.
 """
+
+import sys
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tqdm.auto import tqdm as tqdm_auto
+
 import lora_da
+from lora_da import statistics_pass
 from lora_da.models import batches, synthetic_samples, tiny_llama
 from lora_da.targets import find_target_modules
 
@@ -171,3 +177,101 @@ def test_statistics_property(d_in, d_hidden, d_out, num_samples, seq_len, batch_
         torch.testing.assert_close(stats.gradient(name), G[name], rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(stats.input_factor(name), Z[name], rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(stats.output_factor_diag(name), y[name], rtol=1e-10, atol=1e-13)
+
+
+# -- NaN/Inf traced to the first target module, in forward order ------------------------
+
+
+def _with_nan(parameter_name):
+    model = tiny_llama()
+    with torch.no_grad():
+        dict(model.named_parameters())[parameter_name].view(-1)[5] = float("nan")  # row 0: the pad token
+    return model
+
+
+def test_nan_weight_is_traced_to_the_first_target_whose_output_is_non_finite():
+    """One NaN in up_proj's weight makes the loss NaN: the message names up_proj (its output
+    is the first non-finite one in forward order; gate_proj, sharing its input, is finite) and the batch."""
+    model = _with_nan("model.layers.1.mlp.up_proj.weight")
+    loader = list(batches(synthetic_samples(4, seed=1), 2))
+    with pytest.raises(
+        FloatingPointError,
+        match=r"^the loss of batch 0 is nan; the first non-finite value in forward order is the output of "
+        r"target module 'model\.layers\.1\.mlp\.up_proj' \(its input was finite\)$",
+    ):
+        lora_da.initialize(model, loader, rank=2, progress=False)
+
+
+def test_nan_before_any_target_is_traced_to_the_first_targets_input():
+    model = _with_nan("model.embed_tokens.weight")
+    loader = list(batches(synthetic_samples(4, seed=1), 2))
+    with pytest.raises(
+        FloatingPointError,
+        match=r"^the loss of batch 0 is nan; the input of the first target module "
+        r"'model\.layers\.0\.self_attn\.q_proj' \(in forward order\) was already non-finite: no target module's "
+        r"output was non-finite before it, the NaN/Inf starts before any target module \(e\.g\. in the embedding\)$",
+    ):
+        lora_da.initialize(model, loader, rank=2, progress=False)
+
+
+def test_nan_after_the_targets_says_so():
+    model = SharedInputMLP()
+    data = regression_batches()
+    data[1]["target"][0, 0, 0] = float("nan")  # in the loss, after every target
+    data[1]["attention_mask"][0, 0] = 1
+    with pytest.raises(FloatingPointError, match=r"^the loss of batch 1 is nan; no target module's input or output "
+                       r"was non-finite: it arises after the last target module \(or in the loss\)$"):
+        lora_da.collect_statistics(model, data, {n: getattr(model, n) for n in ("fc1a", "fc2")}, loss_fn=regression_loss)
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "cpu")
+
+
+@pytest.mark.parametrize("token_mask,reads_per_batch", [("all", 1), ("attention", 2)])
+def test_one_host_read_per_batch_after_the_forward(monkeypatch, token_mask, reads_per_batch):
+    """Host reads of the pass's own code (lora_da.*; not the model's): one per batch after the
+    forward+backward (the loss and every finiteness flag together), plus, with a token mask,
+    one before it (the kept tokens). The NaN tracing adds none."""
+    model = tiny_llama()
+    loader = list(batches(synthetic_samples(6, seed=2), 2))
+    modules = find_target_modules(model, None, rank=2)
+    reads = []
+    for method in HOST_READS:
+        original = getattr(torch.Tensor, method)
+
+        def counting(self, *args, _original=original, _method=method, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.split(".")[0] == "lora_da":
+                reads.append((caller, _method))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counting)
+    # check_totals=False: without the end-of-pass checks of KFACStatistics (once per pass, not per batch)
+    stats = lora_da.collect_statistics(model, loader, modules, token_mask=token_mask, check_totals=False)
+    monkeypatch.undo()
+    assert stats.num_batches == 3
+    assert len(reads) == reads_per_batch * stats.num_batches, reads
+
+
+class _RecordingBar(tqdm_auto):
+    bars = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bars.append(self)
+
+
+def test_progress_bar_counts_batches_done(monkeypatch):
+    """The bar advances after a batch, not before it: a failing batch is not counted."""
+    monkeypatch.setattr(statistics_pass, "tqdm", _RecordingBar)
+    _RecordingBar.bars = []
+    model = SharedInputMLP()
+    data = regression_batches()
+    data[2]["target"][0, 0, 0] = float("nan")
+    data[2]["attention_mask"][0, 0] = 1
+    modules = {n: getattr(model, n) for n in ("fc1a", "fc2")}
+    with pytest.raises(FloatingPointError, match="the loss of batch 2 is nan"):
+        lora_da.collect_statistics(model, data, modules, loss_fn=regression_loss, progress=True)
+    assert _RecordingBar.bars[-1].n == 2  # batches 0 and 1 done
+    stats = lora_da.collect_statistics(model, regression_batches(), modules, loss_fn=regression_loss, progress=True)
+    assert _RecordingBar.bars[-1].n == stats.num_batches == len(regression_batches())

@@ -8,14 +8,22 @@ gradient ``g`` during ``torch.autograd.grad(loss, anchor)``. All parameters have
 and no ``param.grad`` is allocated; the anchor makes every target output part
 of the graph even when nothing upstream requires grad. Shared inputs are
 detected from the tensors themselves (same storage, shape, strides, version).
+
+NaN/Inf is traced without extra host syncs: the forward hook writes the sum of
+each target's output into a small preallocated device tensor (a sum is finite
+exactly when every entry is), in the order the targets run; inputs are traced
+by ``Z``'s diagonal. :meth:`Collector.check_batch_finite` reads these flags, the
+loss and the sums' checks in one host read per batch and names the first
+target, in forward order, whose input or output was non-finite.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -96,6 +104,10 @@ class Collector:
         self.forward_only = forward_only  # only Z: no anchor, no output-gradient hooks
         self.stats = KFACStatistics(modules={}, groups=[], has_gradients=not forward_only)
         self.group_of: Dict[str, int] = {}
+        # per batch, the targets in the order they ran and the sums of their outputs
+        # (slot i: the i-th target run); kept after end_batch for check_batch_finite
+        self.forward_order: List[str] = []
+        self.output_sums: Optional[torch.Tensor] = None
         self._reset_batch()
 
     # -- per-batch state ------------------------------------------------------------
@@ -115,33 +127,87 @@ class Collector:
         """``all_tokens_kept``: the mask keeps every token, so the sums skip the
         multiplication by the weights (the row count is still checked)."""
         self._reset_batch()
+        self.forward_order = []
         self.expected_rows = None if token_weights is None else token_weights.numel()
         self.token_weights = None if all_tokens_kept else token_weights
         self.active = True
         if not self.forward_only:
             self.anchor = torch.zeros((), device=device, requires_grad=True)
 
-    def check_batch_finite(self, batch_index: int) -> None:
-        """Raise on NaN/Inf that entered the sums in this batch, naming module and batch.
+    def check_batch_finite(self, batch_index: int, loss: Optional[torch.Tensor] = None) -> None:
+        """Raise on a non-finite ``loss`` (the batch's summed loss, when given) or on
+        NaN/Inf that entered the sums in this batch, naming module and batch.
 
         A NaN/Inf input shows on Z's diagonal (Σ m a²), a NaN/Inf output gradient
-        on y (Σ m g²); fp16/bf16 overflow shows as Inf. One host sync per batch.
+        on y (Σ m g²); fp16/bf16 overflow shows as Inf. The message also names the
+        first target module, in forward order, whose input or output was non-finite
+        (:meth:`_trace`). One host read per batch: the loss, every flag and the
+        output sums come back in one ``tolist``.
         """
-        groups, modules = self.stats.groups, list(self.stats.modules.values())
+        groups = self.stats.groups
+        modules = [m for m in self.stats.modules.values() if m.output_factor_diag_sum is not None]
         flags = [torch.isfinite(torch.diagonal(g.input_factor_sum)).all() for g in groups]
-        modules = [m for m in modules if m.output_factor_diag_sum is not None]
         flags += [torch.isfinite(m.output_factor_diag_sum).all() for m in modules]
-        flags = torch.stack(flags)
-        if bool(flags.all()):
+        parts = [torch.stack(flags).to(torch.float64)] if flags else []
+        if self.forward_order and self.output_sums is not None:
+            parts.append(torch.isfinite(self.output_sums[: len(self.forward_order)]).to(torch.float64))
+        if loss is not None:
+            parts.append(loss.detach().reshape(1).to(torch.float64))
+        if not parts:
             return
-        first = int((~flags).nonzero()[0])
-        if first < len(groups):
-            members = groups[first].members
+        device = parts[0].device
+        values = torch.cat([part.to(device) for part in parts]).tolist()  # the one host sync
+        loss_value = values.pop() if loss is not None else None
+        group_ok = [v != 0 for v in values[: len(groups)]]
+        gradient_ok = [v != 0 for v in values[len(groups) : len(groups) + len(modules)]]
+        output_ok = [v != 0 for v in values[len(groups) + len(modules) :]]
+        loss_ok = loss_value is None or math.isfinite(loss_value)
+        if loss_ok and all(group_ok) and all(gradient_ok):
+            return
+        trace, first_is_output = self._trace(group_ok, output_ok)
+        if not loss_ok:
+            raise FloatingPointError(f"the loss of batch {batch_index} is {loss_value}; {trace}")
+        if not all(group_ok):
+            members = groups[group_ok.index(False)].members
             raise FloatingPointError(
                 f"NaN/Inf in the input of module '{members[0]}' (shared by {list(members)}) in batch {batch_index}"
+                + (f"; {trace}" if first_is_output else "")
             )
         raise FloatingPointError(
-            f"NaN/Inf in the output gradient of module '{modules[first - len(groups)].name}' in batch {batch_index}"
+            f"NaN/Inf in the output gradient of module '{modules[gradient_ok.index(False)].name}' in batch {batch_index}"
+        )
+
+    def _trace(self, group_ok: List[bool], output_ok: List[bool]) -> Tuple[str, bool]:
+        """Where the forward pass first went non-finite, in words (and whether at a target's output).
+
+        In forward order, each target's input (its group's Z diagonal) and then its
+        output (its output sum) are checked; the first non-finite one is named."""
+        for position, name in enumerate(self.forward_order):
+            group = self.group_of.get(name)
+            if group is not None and group < len(group_ok) and not group_ok[group]:
+                if position == 0:
+                    return (
+                        f"the input of the first target module '{name}' (in forward order) was already non-finite: "
+                        "no target module's output was non-finite before it, the NaN/Inf starts before any "
+                        "target module (e.g. in the embedding)",
+                        False,
+                    )
+                return (
+                    f"the first non-finite value in forward order is the input of target module '{name}' while "
+                    "every earlier target module's output was finite: it starts outside the target modules, "
+                    "before this one",
+                    False,
+                )
+            if position < len(output_ok) and not output_ok[position]:
+                return (
+                    f"the first non-finite value in forward order is the output of target module '{name}' "
+                    "(its input was finite)",
+                    True,
+                )
+        return (
+            "no target module's input or output was non-finite: it arises after the last target module "
+            "(or in the loss)",
+            False,
         )
 
     def state(self) -> dict:
@@ -237,6 +303,7 @@ class Collector:
             )
         if self.batch_rows is None:
             self.batch_rows = rows
+        self._record_output(name, output)
 
         key = _tensor_key(inputs)
         live = self.live_by_key.get(key)
@@ -281,6 +348,27 @@ class Collector:
         anchored = output + self.anchor.to(output.dtype)
         anchored.register_hook(self._gradient_hook(name, d_out))
         return anchored
+
+    def _record_output(self, name: str, output: torch.Tensor) -> None:
+        """Write the sum of ``output`` into its forward-order slot of ``output_sums``
+        (on the device: no host sync). The sum is accumulated in float64 (float32 on
+        MPS), so it is non-finite exactly when some entry is."""
+        slot = len(self.forward_order)
+        self.forward_order.append(name)
+        # plain tensors only: a tensor subclass (e.g. a DTensor) would not mix with the plain buffer
+        if type(output) is not torch.Tensor or not output.is_floating_point():
+            if self.output_sums is not None:
+                self.output_sums[slot].zero_()  # not traced: finite
+            return
+        if self.output_sums is None:
+            dtype = torch.float32 if output.device.type == "mps" else torch.float64
+            self.output_sums = torch.zeros(len(self.modules), dtype=dtype, device=output.device)
+        target = self.output_sums[slot]
+        values = output.detach()
+        if values.device == target.device and values.dim() > 0:  # one reduction kernel, straight into the slot
+            torch.sum(values, dim=tuple(range(values.dim())), dtype=target.dtype, out=target)
+        else:
+            target.copy_(values.sum(dtype=target.dtype))
 
     def _gradient_hook(self, name: str, out_features: int):
         def hook(grad: torch.Tensor) -> None:

@@ -13,6 +13,10 @@ The figure shows, per module type (``q_proj``, ``down_proj``, ...):
   the variance term ``βcZ⁻¹`` relative to the bias term ``−αΔ̂Δ̂ᵀ``
   (:func:`variance_to_bias`);
 * the wall time of each phase.
+
+The JSON also lists the modules whose ``Z`` needed more damping than asked for
+(``damping_escalations``, :func:`damping_escalations`; docs/math.md §5.1), the
+detail behind the one warning ``initialize`` gives about them.
 """
 
 from __future__ import annotations
@@ -60,6 +64,25 @@ def variance_to_bias(init: "LoraInit", name: str) -> float:
     variance = values - bias
     total_bias = float(bias.abs().sum())
     return float(variance.sum()) / total_bias if total_bias > 0 else float("nan")
+
+
+def damping_escalations(init: "LoraInit") -> Dict[str, dict]:
+    """The modules whose damping was raised above ``init.config.damping`` by the
+    escalation rule (docs/math.md §5.1), largest factor first:
+    ``{name: {"damping": λ used, "factor": λ used / λ asked, "d_in": ..., "input_group": [...]}}``.
+    Empty for methods that do not damp ``Z``."""
+    requested = init.config.damping
+    raised = [(m.damping / requested, name) for name, m in init.modules.items() if m.damping > requested]
+    raised.sort(key=lambda item: -item[0])
+    return {
+        name: {
+            "damping": init.modules[name].damping,
+            "factor": factor,
+            "d_in": int(init.modules[name].lora_A.shape[1]),
+            "input_group": list(init.modules[name].input_group),
+        }
+        for factor, name in raised
+    }
 
 
 def have_matplotlib() -> bool:
@@ -163,6 +186,8 @@ def write_report(
         report["phases_s"] = dict(phases)
     for name, entry in report.get("modules", {}).items():
         entry["variance_to_bias"] = variance_to_bias(init, name)
+    escalated = damping_escalations(init)
+    report["damping_escalations"] = escalated
     if extra:
         report.update(extra)
     paths = [os.path.join(directory, JSON_NAME)]
@@ -190,8 +215,20 @@ def write_report(
             "<style>body{font-family:sans-serif;margin:1.5em} pre{background:#f4f4f4;padding:.8em}</style>"
             f"<h1>{html.escape(title or 'LoRA-DA initialization')}</h1>"
             f"<pre>{html.escape(init.summary())}</pre>"
+            f"{_escalation_note(init, escalated)}"
             f"<img style='max-width:100%' alt='LoRA-DA report' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
             f"<p>Numbers: <a href='{JSON_NAME}'>{JSON_NAME}</a>.</p>"
         )
     paths += [png_path, html_path]
     return paths
+
+
+def _escalation_note(init: "LoraInit", escalated: Dict[str, dict]) -> str:
+    """An HTML paragraph naming the modules whose damping was raised ('' when none)."""
+    if not escalated:
+        return ""
+    items = ", ".join(f"{html.escape(name)} ×{entry['factor']:.3g}" for name, entry in escalated.items())
+    return (
+        f"<p>Damping raised above {init.config.damping:g} (docs/math.md §5.1) for "
+        f"{len(escalated)} modules, largest factor first: {items}.</p>"
+    )

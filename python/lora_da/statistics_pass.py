@@ -58,7 +58,9 @@ def collect_statistics(
     :func:`lora_da.kernels.dispatch.select_backend`); ``stats.backend`` says which ran.
     ``stats_checkpoint``/``checkpoint_every``: save the sums atomically every K
     batches and resume from them (see :mod:`lora_da.checkpoint`).
-    NaN/Inf entering the sums is reported after the batch that brought it.
+    NaN/Inf entering the sums, or a non-finite loss, is reported after the batch that
+    brought it, with the first target module (in forward order) whose input or output
+    was non-finite. ``progress``: a bar that counts the batches done.
 
     ``forward_only=True`` (methods that need only ``Z``, e.g. CNTLoRA): one
     forward per batch under ``torch.no_grad()``, no backward, no output-gradient
@@ -114,60 +116,13 @@ def collect_statistics(
             for batch_index, batch in enumerate(loader):
                 if max_batches is not None and batch_index >= max_batches:
                     break
-                bar.update(1)
-                if batch_index < resume_from:
-                    continue  # already in the checkpoint
-                stats.num_batches += 1
-                batch = move_to_device(batch, device)
-                if loss_fn is causal_lm_per_sample_loss:
-                    batch = as_causal_lm_batch(batch)
-                mask = token_mask_for(batch, token_mask)
-                weights = None
-                if mask is not None:
-                    weights = mask.reshape(-1).to(device=device)
-                    # one host sync per batch: the kept tokens, and whether every weight is 1
-                    counts = torch.stack([weights.sum(dtype=torch.float64), (weights != 1).sum(dtype=torch.float64)])
-                    batch_tokens, weights_not_one = (int(v) for v in counts.tolist())
-                    if batch_tokens == 0:
-                        stats.skipped_batches += 1
-                        logger.info("batch %d: the token mask keeps no token; skipped", batch_index)
-                        _maybe_checkpoint(checkpoint, collector)
-                        continue
-                collector.start_batch(weights, device, all_tokens_kept=weights is not None and weights_not_one == 0)
-                if forward_only:
-                    samples, skipped = _forward_only_batch(model, batch, loss_fn)
-                    if weights is None:
-                        batch_tokens = collector.batch_rows
-                    collector.end_batch(batch_index)
-                    collector.check_batch_finite(batch_index)
-                    stats.num_tokens += batch_tokens
-                    stats.num_samples += samples
-                    stats.skipped_samples += skipped
+                if batch_index >= resume_from:  # the earlier ones are in the checkpoint
+                    _one_batch(collector, model, batch, batch_index, device, loss_fn, token_mask, forward_only)
                     _maybe_checkpoint(checkpoint, collector)
-                    continue
-                losses = loss_fn(model, batch)
-                if not isinstance(losses, torch.Tensor) or losses.dim() > 1:
-                    raise TypeError(
-                        "loss_fn must return a 1-D tensor of per-sample losses, got "
-                        + (f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__)
-                    )
-                losses = losses.reshape(-1)
-                total_loss = losses.sum()
-                if not torch.isfinite(total_loss).item():
-                    raise FloatingPointError(f"the loss of batch {batch_index} is {total_loss.item()}")
-                if not total_loss.requires_grad:
-                    raise RuntimeError("the loss does not depend on any target module's output")
-                torch.autograd.grad(total_loss, collector.anchor)
-                if weights is None:
-                    batch_tokens = collector.batch_rows
-                collector.end_batch(batch_index)
-                collector.check_batch_finite(batch_index)
-                stats.num_tokens += batch_tokens
-                stats.num_samples += losses.numel()
-                stats.skipped_samples += _batch_size(batch) - losses.numel() if loss_fn is causal_lm_per_sample_loss else 0
-                elapsed = bar.format_dict.get("elapsed") or 0.0
-                bar.set_postfix(tokens=stats.num_tokens, tok_per_s=f"{stats.num_tokens / max(elapsed, 1e-9):.0f}")
-                _maybe_checkpoint(checkpoint, collector)
+                bar.update(1)  # after the batch: the bar counts batches done
+                if batch_index >= resume_from and not forward_only:
+                    elapsed = bar.format_dict.get("elapsed") or 0.0
+                    bar.set_postfix(tokens=stats.num_tokens, tok_per_s=f"{stats.num_tokens / max(elapsed, 1e-9):.0f}")
         finally:
             bar.close()
             collector._reset_batch()
@@ -181,6 +136,72 @@ def collect_statistics(
     if check_totals:
         stats.check_totals()
     return stats
+
+
+def _one_batch(
+    collector: Collector,
+    model: nn.Module,
+    batch: Any,
+    batch_index: int,
+    device: torch.device,
+    loss_fn: LossFn,
+    token_mask: Any,
+    forward_only: bool,
+) -> None:
+    """One batch of the pass: hooked forward (+ backward), its counts added to the
+    statistics, NaN/Inf refused. Host syncs: one for a token mask (the kept tokens,
+    before the forward) and one after the batch (:meth:`Collector.check_batch_finite`:
+    the loss and every finiteness flag at once)."""
+    stats = collector.stats
+    stats.num_batches += 1
+    batch = move_to_device(batch, device)
+    if loss_fn is causal_lm_per_sample_loss:
+        batch = as_causal_lm_batch(batch)
+    mask = token_mask_for(batch, token_mask)
+    weights = None
+    batch_tokens = 0
+    weights_not_one = 0
+    if mask is not None:
+        weights = mask.reshape(-1).to(device=device)
+        # one host sync per batch: the kept tokens, and whether every weight is 1
+        counts = torch.stack([weights.sum(dtype=torch.float64), (weights != 1).sum(dtype=torch.float64)])
+        batch_tokens, weights_not_one = (int(v) for v in counts.tolist())
+        if batch_tokens == 0:
+            stats.skipped_batches += 1
+            logger.info("batch %d: the token mask keeps no token; skipped", batch_index)
+            return
+    collector.start_batch(weights, device, all_tokens_kept=weights is not None and weights_not_one == 0)
+    if forward_only:
+        samples, skipped = _forward_only_batch(model, batch, loss_fn)
+        if weights is None:
+            batch_tokens = collector.batch_rows
+        collector.end_batch(batch_index)
+        collector.check_batch_finite(batch_index)
+        stats.num_tokens += batch_tokens
+        stats.num_samples += samples
+        stats.skipped_samples += skipped
+        return
+    losses = loss_fn(model, batch)
+    if not isinstance(losses, torch.Tensor) or losses.dim() > 1:
+        raise TypeError(
+            "loss_fn must return a 1-D tensor of per-sample losses, got "
+            + (f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__)
+        )
+    losses = losses.reshape(-1)
+    total_loss = losses.sum()
+    if not total_loss.requires_grad:
+        raise RuntimeError("the loss does not depend on any target module's output")
+    # a non-finite loss is refused after the backward, by the batch's one finiteness
+    # check (which then also names where the forward pass went non-finite): no host
+    # sync here; the sums of a refused batch are never used
+    torch.autograd.grad(total_loss, collector.anchor)
+    if weights is None:
+        batch_tokens = collector.batch_rows
+    collector.end_batch(batch_index)
+    collector.check_batch_finite(batch_index, loss=total_loss)
+    stats.num_tokens += batch_tokens
+    stats.num_samples += losses.numel()
+    stats.skipped_samples += _batch_size(batch) - losses.numel() if loss_fn is causal_lm_per_sample_loss else 0
 
 
 def _maybe_checkpoint(checkpoint: Optional[StatisticsCheckpoint], collector: Collector) -> None:

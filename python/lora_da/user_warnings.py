@@ -9,6 +9,16 @@ from typing import Type
 _PACKAGE = __name__.split(".")[0]
 
 
+class LoraDAWarning(Warning):
+    """Base of lora-da's own warning categories (``warnings.simplefilter("ignore", LoraDAWarning)``
+    silences them, as the CLI's ``--quiet`` does)."""
+
+
+class DampingWarning(LoraDAWarning, RuntimeWarning):
+    """Some input factors Z needed more damping than asked for (docs/math.md §5.1):
+    one summary per ``initialize`` call; the per-module values are in the report."""
+
+
 def warn_user(message: str, category: Type[Warning] = UserWarning) -> None:
     """``warnings.warn`` with the stack level of the first frame outside this package."""
     level = 2  # stack level 2 is warn_user's caller

@@ -17,7 +17,7 @@ import torch
 from ..module_init import make_module_init
 from .base import FULL_STATISTICS, Method, PhaseClock, Solution, SolveContext, register
 from .linalg import signed_pairs, svd
-from .lora_da_reference import InputFactor, prepare_input_factor
+from .lora_da_reference import InputFactor, damping_escalations, prepare_input_factor, report_damping_escalations
 
 
 def fisher_subspace_factors(
@@ -66,7 +66,8 @@ def fisher_subspace_factors(
 
 
 def solve(context: SolveContext) -> Solution:
-    """Z is damped and factored once per input group (docs/math.md §5.1), as for LoRA-DA."""
+    """Z is damped and factored once per input group (docs/math.md §5.1), as for LoRA-DA;
+    the groups whose damping was raised give one warning (``report_damping_escalations``)."""
     stats, settings = context.statistics, context.settings
     clock = PhaseClock(context.timings)
     factors: Dict[int, InputFactor] = {}
@@ -85,6 +86,8 @@ def solve(context: SolveContext) -> Solution:
         result[name] = make_module_init(
             name, lora_A, lora_B, values, norm, damping=factor.damping, input_group=context.input_group(name)
         )
+    members = {group: stats.groups[group].members for group in factors}
+    report_damping_escalations(damping_escalations(factors, members, settings.damping, stats.num_tokens))
     return Solution(result, "fisher-subspace (torch.linalg, float64)")
 
 

@@ -35,10 +35,12 @@ from .base import FULL_STATISTICS, Method, NoOptions, PhaseClock, Settings, Solu
 from .lora_da_reference import (
     InputFactor,
     PreparedModule,
+    damping_escalations,
     dense_eigenpairs,
     finish_module,
     prepare_input_factor,
     prepare_module,
+    report_damping_escalations,
 )
 
 
@@ -49,6 +51,14 @@ def _first_members(context: SolveContext) -> Dict[int, str]:
     for name in context.names:
         first.setdefault(stats.modules[name].group_index, name)
     return first
+
+
+def _report_escalations(context: SolveContext, by_group: Dict[int, InputFactor]) -> None:
+    """The pass's damping escalations, in one warning (or kept for the driver's
+    :class:`~lora_da.methods.lora_da_reference.one_damping_summary`)."""
+    stats = context.statistics
+    members = {group: stats.groups[group].members for group in by_group}
+    report_damping_escalations(damping_escalations(by_group, members, context.settings.damping, stats.num_tokens))
 
 
 def _finisher(context: SolveContext, prepared: Dict[str, PreparedModule], factors: Dict[str, InputFactor]):
@@ -101,6 +111,7 @@ def solve_dense(context: SolveContext) -> Solution:
         result[name] = finish(name, eigenvalues, vectors)
     bar.close()
     clock.lap("solve")
+    _report_escalations(context, by_group)
     return Solution(result, EIGH_BACKEND)
 
 
@@ -186,6 +197,7 @@ def solve_batched(context: SolveContext) -> Solution:
             RuntimeWarning,
         )
         backend += f" + {EIGH_BACKEND} for {len(redone)} modules"
+    _report_escalations(context, by_group)
     return Solution({name: result[name] for name in context.names}, backend)
 
 

@@ -80,7 +80,8 @@ def prepare_input_factors(
 
     Groups of equal ``d_in`` are damped and factored in one batched
     float64 Cholesky; the ones that fail are redone one by one with the
-    escalation rule of :func:`lora_da.methods.lora_da_reference.prepare_input_factor` (and its warning).
+    escalation rule of :func:`lora_da.methods.lora_da_reference.prepare_input_factor` (the caller
+    reports the escalations: ``InputFactor.damping`` is the λ used).
     """
     by_dim: Dict[int, List[int]] = {}
     for group, matrix in raw.items():

@@ -17,23 +17,30 @@ diagonal output factor ``y``:
 
 Damping rule for ``Z`` (float64): the Cholesky factorization of ``Z_raw + λ_k I``
 is tried with ``λ_0 = λ`` and then ``λ_k = max(λ, 1e-12·tr(Z_raw)/d_in)·10^k``,
-k = 1, …, 8; the first that succeeds is used (reported per module, with a
-warning when k > 0). The scale-aware floor makes a tiny user λ escalate to
+k = 1, …, 8; the first that succeeds is used (recorded per module in
+``ModuleInit.damping``). The scale-aware floor makes a tiny user λ escalate to
 something a rank-deficient ``Z`` (dead features, fewer tokens than d_in) can
 bear. ``y`` is always damped with the original λ (docs/math.md §5.1).
+
+The escalations are not warned about one by one: each solve collects them
+(:func:`damping_escalations`) and hands them to :func:`report_damping_escalations`,
+which gives one :class:`~lora_da.user_warnings.DampingWarning` per solve, or one
+per :class:`one_damping_summary` block around several solves (one per
+``initialize`` call, however many passes).
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..module_init import ModuleInit, make_module_init
 from ..solvers import fix_column_signs, smallest_eigenpairs
-from ..user_warnings import warn_user
+from ..user_warnings import DampingWarning, warn_user
 
 MAX_DAMPING_ESCALATIONS = 8
 
@@ -56,7 +63,9 @@ class InputFactor:
 
 
 def prepare_input_factor(input_factor_raw: torch.Tensor, damping: float, name: str) -> InputFactor:
-    """Cholesky-factor ``Z_raw + λI`` in float64, escalating λ by the module's rule."""
+    """Cholesky-factor ``Z_raw + λI`` in float64, escalating λ by the module's rule
+    (``InputFactor.damping`` is the λ used; no warning here, see :func:`report_damping_escalations`).
+    ``name``: a module of the group, for the error when even the last step fails."""
     z_raw = input_factor_raw.to(torch.float64)
     z_raw = 0.5 * (z_raw + z_raw.T)
     eye = torch.eye(z_raw.shape[0], dtype=torch.float64, device=z_raw.device)
@@ -66,17 +75,124 @@ def prepare_input_factor(input_factor_raw: torch.Tensor, damping: float, name: s
         damped = z_raw + used * eye
         cholesky, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0 and torch.isfinite(cholesky).all():
-            if k > 0:
-                warn_user(
-                    f"input factor Z of module '{name}' is not positive definite with damping {damping:g}; "
-                    f"used damping {used:g} instead",
-                    RuntimeWarning,
-                )
             return InputFactor(matrix=damped, cholesky=cholesky, damping=used)
     raise FloatingPointError(
         f"input factor Z of module '{name}' is not positive definite even with damping "
         f"{used:g} (is it NaN, or far from symmetric positive semi-definite?)"
     )
+
+
+@dataclass(frozen=True)
+class DampingEscalation:
+    """One input group whose ``Z`` needed more damping than asked for (docs/math.md §5.1)."""
+
+    members: Tuple[str, ...]  # the modules sharing this Z (all get the damping used)
+    requested: float  # the user's λ
+    used: float  # the λ the escalation rule settled on
+    d_in: int
+    num_tokens: int  # |T|: the tokens Z was summed over
+
+    @property
+    def factor(self) -> float:
+        """How many times the requested damping was used."""
+        return self.used / self.requested
+
+    @property
+    def rank_deficient(self) -> bool:
+        """``|T| < d_in``: Z is a sum of fewer rank-one terms than its size, so singular."""
+        return self.num_tokens < self.d_in
+
+
+def damping_escalations(
+    factors: Dict[int, InputFactor],
+    members: Dict[int, Tuple[str, ...]],
+    requested: float,
+    num_tokens: int,
+) -> List[DampingEscalation]:
+    """The groups of ``factors`` (``{group: InputFactor}``, ``members``: their modules)
+    whose damping was raised above ``requested``."""
+    return [
+        DampingEscalation(
+            members=tuple(members[group]),
+            requested=float(requested),
+            used=float(factor.damping),
+            d_in=int(factor.cholesky.shape[-1]),
+            num_tokens=int(num_tokens),
+        )
+        for group, factor in factors.items()
+        if factor.damping > requested
+    ]
+
+
+def damping_summary(escalations: Sequence[DampingEscalation]) -> Optional[str]:
+    """One line about ``escalations`` (``None`` when there are none): how many modules
+    needed more damping, the largest factor and its module, why, and what to do."""
+    if not escalations:
+        return None
+    modules = sum(len(e.members) for e in escalations)
+    worst = max(escalations, key=lambda e: e.factor)
+    requested = sorted({e.requested for e in escalations})
+    asked = f"damping={requested[0]:g}" if len(requested) == 1 else "the damping given"
+    short = [e for e in escalations if e.rank_deficient]
+    reasons = []
+    if short:
+        dims = sorted({e.d_in for e in short})
+        tokens = sorted({e.num_tokens for e in short})
+        reasons.append(
+            f"fewer tokens than d_in for {sum(len(e.members) for e in short)} of them "
+            f"({'/'.join(str(t) for t in tokens)} calibration tokens < d_in "
+            f"{dims[0] if len(dims) == 1 else f'{dims[0]}..{dims[-1]}'}: Z is rank-deficient, |T| < d_in)"
+        )
+    if len(short) < len(escalations):
+        rest = sum(len(e.members) for e in escalations if not e.rank_deficient)
+        reasons.append(f"ill-conditioning for {rest} of them (tiny eigenvalues of Z, e.g. rounding or dead input features)")
+    sharing = f", shared with {len(worst.members) - 1} more" if len(worst.members) > 1 else ""
+    return (
+        f"{modules} module{'s' if modules != 1 else ''} ({len(escalations)} input group"
+        f"{'s' if len(escalations) != 1 else ''}) needed more damping than {asked} to make Z positive definite: "
+        f"up to {worst.factor:.3g}x (damping {worst.used:g}) for '{worst.members[0]}'{sharing}; "
+        f"why: {' and '.join(reasons)}. Use more calibration tokens or a larger damping= "
+        "(per module: ModuleInit.damping, 'damping_escalations' in lora_da_report.json; docs/math.md §5.1)"
+    )
+
+
+# The escalations of the solves inside a one_damping_summary block (None: no block open).
+_PENDING: contextvars.ContextVar[Optional[List[DampingEscalation]]] = contextvars.ContextVar(
+    "lora_da_damping_escalations", default=None
+)
+
+
+def report_damping_escalations(escalations: Iterable[DampingEscalation]) -> None:
+    """Warn once about a solve's escalations (a :class:`DampingWarning` at the user's
+    line), or keep them for the enclosing :class:`one_damping_summary` block."""
+    escalations = list(escalations)
+    pending = _PENDING.get()
+    if pending is not None:
+        pending.extend(escalations)
+        return
+    message = damping_summary(escalations)
+    if message is not None:
+        warn_user(message, DampingWarning)
+
+
+class one_damping_summary:  # noqa: N801 - used like a function: ``with one_damping_summary():``
+    """``with one_damping_summary(): ...`` — the damping escalations of every solve in
+    the block give one warning, when the block ends without an exception (the
+    driver wraps a whole ``initialize`` call: one warning however many passes). A
+    block inside another adds to the outer one. A class, not a generator, so that
+    the warning's stack level reaches the caller's line."""
+
+    def __enter__(self) -> "one_damping_summary":
+        self._token = _PENDING.set([]) if _PENDING.get() is None else None
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self._token is None:
+            return
+        escalations = _PENDING.get() or []
+        _PENDING.reset(self._token)
+        if exc_type is None:
+            report_damping_escalations(escalations)
 
 
 def natural_gradient_step(
