@@ -120,15 +120,13 @@ def test_damping_escalations_give_one_warning_at_the_callers_line(solver):
 
 
 def test_several_passes_give_one_damping_warning_per_initialize_call():
-    """max_memory splits the model into passes; the driver's one_damping_summary block
-    (here opened by the test, as pipeline.run does) sums every pass up in one warning."""
-    from lora_da.methods.lora_da_reference import one_damping_summary
+    """max_memory splits the model into passes; the driver (pipeline.run) sums every
+    pass up in one warning, at the caller's line."""
     from lora_da.models import tiny_llama
 
     def call():
-        with one_damping_summary():
-            return lora_da.initialize(tiny_llama(), _sixteen_tokens(), rank=2, train_size=10, damping=1e-12,
-                                      max_memory=60_000, progress=False)
+        return lora_da.initialize(tiny_llama(), _sixteen_tokens(), rank=2, train_size=10, damping=1e-12,
+                                  max_memory=60_000, progress=False)
 
     init, caught = _runtime_warnings(call)
     assert init.passes > 1

@@ -25,6 +25,7 @@ from .layers import is_conv1d
 from .memory import is_reiterable, plan_passes, statistics_budget
 from .methods import get_method
 from .methods.base import FORWARD_STATISTICS, Method, SolveContext
+from .methods.lora_da_reference import one_damping_summary
 from .module_init import ModuleInit
 from .result import LoraInit
 from .statistics import KFACStatistics, model_device, model_dtype
@@ -144,7 +145,13 @@ def solve_pass(
 
 
 def run(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
-    """Everything :func:`lora_da.initialize` does, for every method (see the module doc)."""
+    """Everything :func:`lora_da.initialize` does, for every method (see the module doc).
+    The methods' damping escalations give one warning per call, however many passes."""
+    with one_damping_summary():
+        return _run(model, loader, config)
+
+
+def _run(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
     start = time.perf_counter()
     method = get_method(config.method)
     options = config.options

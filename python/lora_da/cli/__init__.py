@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import Optional, Sequence
 
 import torch
 
+from ..user_warnings import LoraDAWarning
 from .bench import plain_pass_seconds
 from .errors import UsageError
 from .parser import build_parser
@@ -48,6 +50,7 @@ def _configure_logging(quiet: bool) -> None:
         if getattr(handler, "_lora_da_cli", False):
             handler.stream = sys.stderr
     if quiet:
+        warnings.simplefilter("ignore", LoraDAWarning)  # --quiet: no damping summary either
         try:
             # Deferred: transformers is an optional extra (lora-da[hf]) and slow to import.
             from transformers.utils import logging as hf_logging
