@@ -13,6 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "python" / "lora_da"
 MAX_LINES = 450
+# the design document kept outside the repository (its name split, so this file does not cite it)
+OUTSIDE_SPEC = "SPEC" + ".md"
 
 # Imports inside functions that are not there to dodge a circle: the compiled core is
 # imported only after its BLAS library is preloaded (lora_da._native.core).
@@ -159,9 +161,8 @@ def test_nothing_cites_a_file_outside_the_repository():
         and ".git" not in p.parts
         and "build" not in p.parts
         and p.suffix in {".py", ".md", ".hpp", ".h", ".cpp", ".cu", ".txt", ".toml", ".sh"}
-        and p != Path(__file__).resolve()
     ]
-    citing = [str(p.relative_to(ROOT)) for p in tracked if "SPEC.md" in p.read_text(errors="ignore")]
+    citing = [str(p.relative_to(ROOT)) for p in tracked if OUTSIDE_SPEC in p.read_text(errors="ignore")]
     assert not citing, citing
 
 

@@ -13,13 +13,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 from torch import nn
 
+from .atomic_files import write_atomically
 from .layers import is_conv1d, peft_lora_layers, stores_transposed_weight
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only: result imports this module
@@ -125,55 +125,18 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"  # PEFT's CONFIG_NAME
 INIT_REPORT_NAME = "lora_da_init.json"
 
 
-def _umask() -> int:
-    """The process's umask (Linux: read from ``/proc``, leaving it untouched; elsewhere set and restored)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """``write(temporary)`` into a temporary file beside ``path``, fsync it, give it the
-    mode ``0666 & ~umask`` (what ``open(path, "w")`` gives; ``mkstemp`` and safetensors
-    make 0600) and rename it over ``path``. A symlink at ``path`` is replaced, never followed;
-    on any error the temporary file is removed and ``path`` is left as it was."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
-    os.close(handle)
-    try:
-        write(temporary)
-        descriptor = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.lexists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def _write_text(path: str, text: str) -> None:
     def write(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as f:
             f.write(text)
 
-    _write_atomically(path, write)
+    write_atomically(path, write)
 
 
 def _write_tensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    _write_atomically(path, lambda temporary: save_file(tensors, temporary, metadata={"format": "pt"}))
+    write_atomically(path, lambda temporary: save_file(tensors, temporary, metadata={"format": "pt"}))
 
 
 def _json_value(value: Any) -> Any:

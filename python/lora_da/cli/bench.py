@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from typing import Sequence, Union
 
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from ..api import initialize
+from ..atomic_files import write_atomically
 from ..losses import move_to_device
 from .errors import UsageError
 from .hf_model import load_model_and_tokenizer, resolve_max_length
@@ -83,18 +83,12 @@ def write_json_atomically(path: str, numbers: dict) -> None:
     """Write ``numbers`` to ``path`` through a temporary file renamed into place
     (with the user's umask)."""
     target = os.path.abspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.lora-da-tmp-", dir=os.path.dirname(target))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600
-        with os.fdopen(fd, "w") as f:
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w") as f:
             json.dump(numbers, f, indent=2)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_atomically(target, write, prefix=f".{os.path.basename(target)}.lora-da-tmp-")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ import sys
 import tempfile
 from typing import Any, Dict, Iterable, List, Optional, Set, Union
 
+from ..atomic_files import current_umask
 from ..report import JSON_NAME
 from .errors import UsageError
 
@@ -303,9 +304,7 @@ class AtomicDirectory:
         self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}{TMP_TAG}", dir=parent)
         _ACTIVE.add(self.path)
         try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.path, 0o777 & ~umask)  # mkdtemp makes it 0700
+            os.chmod(self.path, 0o777 & ~current_umask())  # mkdtemp makes it 0700
             _write_marker(self.path, self._marker(complete=False))
         except BaseException:
             self.discard()
