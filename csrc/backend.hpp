@@ -33,6 +33,13 @@ class BackendError : public std::runtime_error {
   explicit BackendError(const std::string& what) : std::runtime_error(what) {}
 };
 
+// How often the solver moved data between host and backend memory (the
+// backend interface counts these itself, see Backend::to_host/from_host).
+struct TransferCounts {
+  std::int64_t downloads = 0;  // to_host calls: each one blocks until the backend's queued work is done
+  std::int64_t uploads = 0;    // from_host calls (asynchronous on CUDA)
+};
+
 template <typename T>
 class Backend {
  public:
@@ -42,10 +49,24 @@ class Backend {
   // Zero-initialized storage for `count` elements, and its release.
   virtual T* allocate(std::size_t count) = 0;
   virtual void release(T* data) noexcept = 0;
+  // Bytes of backend memory still free (for sizing the dense Ω path); the CPU
+  // backend reports none known (0 = no limit known).
+  virtual std::size_t available_memory() { return 0; }
+  // Whether backend memory is host memory (a transfer is a copy, not a round trip).
+  virtual bool shares_host_memory() const { return false; }
 
-  // Transfers between backend memory (element type T) and host doubles.
-  virtual void to_host(double* host, const T* data, std::size_t count) = 0;
-  virtual void from_host(T* data, const double* host, std::size_t count) = 0;
+  // Transfers between backend memory (element type T) and host doubles, counted.
+  // to_host blocks until the data (and all work queued before it) is there;
+  // from_host may return before the copy is done (the backend stages the data).
+  void to_host(double* host, const T* data, std::size_t count) {
+    ++transfers_.downloads;
+    download(host, data, count);
+  }
+  void from_host(T* data, const double* host, std::size_t count) {
+    ++transfers_.uploads;
+    upload(data, host, count);
+  }
+  const TransferCounts& transfers() const { return transfers_; }
 
   // dst[b](0:rows, 0:cols) = src[b](0:rows, 0:cols) for active problems b.
   virtual void copy_block(int rows, int cols, const T* src, int ld_src, std::int64_t stride_src, T* dst, int ld_dst,
@@ -69,8 +90,34 @@ class Backend {
   // n < 5 (k + guard) (lobpcg.hpp).
   virtual void syevd(int n, T* a, int lda, std::int64_t stride_a, T* w, std::int64_t stride_w, const Batch& batch) = 0;
 
+  // ---- Small-block steps of the one-exchange LOBPCG (lobpcg_fused.hpp), all on backend memory ----
+
+  // Residual columns to search directions: dst[b](:, j) = src[b](:, j) / ||src_j||, or 0 when
+  // ||src_j|| = 0 or when j < locked and ||src_j|| <= threshold[b * stride_threshold]
+  // (soft locking), with ||src_j||² read from gram[b](j, j).
+  virtual void select_columns(int rows, int cols, const T* src, int ld_src, std::int64_t stride_src, const T* gram,
+                              int ld_gram, std::int64_t stride_gram, const T* threshold,
+                              std::int64_t stride_threshold, int locked, T* dst, int ld_dst, std::int64_t stride_dst,
+                              const Batch& batch) = 0;
+  // a[b] += s_b I with s_b = relative · trace(a[b]) (the smallest normal T when that is not > 0).
+  virtual void shift_diagonal(int m, T* a, int lda, std::int64_t stride, double relative, const Batch& batch) = 0;
+  // In-place Cholesky a[b] = Uᵀ U of the upper triangle (the strict lower triangle is left as is).
+  // A failure (not positive definite: non-finite input) throws BackendError, at once or at the
+  // next to_host.
+  virtual void cholesky_upper(int m, T* a, int lda, std::int64_t stride, const Batch& batch) = 0;
+  // b[b] = b[b] U[b]⁻¹, U upper triangular m x m (the strict lower triangle is not read).
+  virtual void trsm_right_upper(int rows, int m, const T* u, int ldu, std::int64_t stride_u, T* b, int ldb,
+                                std::int64_t stride_b, const Batch& batch) = 0;
+
   // Blocks until queued work is finished (no-op on the CPU).
   virtual void synchronize() = 0;
+
+ protected:
+  virtual void download(double* host, const T* data, std::size_t count) = 0;
+  virtual void upload(T* data, const double* host, std::size_t count) = 0;
+
+ private:
+  TransferCounts transfers_;
 };
 
 // RAII buffer in backend memory.

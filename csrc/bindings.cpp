@@ -50,6 +50,9 @@ struct SolveFields {
   std::uintptr_t eigenvectors = 0;  // output: batch x k x n row-major (= n x k column-major per problem)
   std::string device;               // "cpu" or "cuda"
   std::uintptr_t stream = 0;        // CUDA stream handle (0 = legacy default stream; 0 on the CPU)
+  // the LOBPCG variant with one host exchange per iteration; None = the backend's choice
+  // (CUDA: yes, CPU: no). The CPU runs it too, for testing what CUDA runs.
+  std::optional<bool> one_exchange;
 };
 
 struct DenseRequest : SolveFields {
@@ -75,6 +78,10 @@ struct GuidanceRequest : SolveFields {
   std::optional<std::uintptr_t> initial;
   std::int64_t initial_cols = 0;
   std::int64_t initial_stride = 0;
+  // "dense": form Ω (and P) once per batch, then one batched GEMM per application;
+  // "operator": the factored form (GEMMs and triangular solves); "auto": dense on CUDA
+  // when it fits in the free device memory, the operator form on the CPU.
+  std::string omega_form = "auto";
 };
 
 const char* type_name(py::handle value) { return Py_TYPE(value.ptr())->tp_name; }
@@ -204,7 +211,8 @@ void add_solve_fields(Fields<R>& fields) {
       .template add<std::uint64_t>("seed", &R::seed)
       .template add<std::uintptr_t>("eigenvectors", &R::eigenvectors)
       .template add<std::string>("device", &R::device)
-      .template add<std::uintptr_t>("stream", &R::stream);
+      .template add<std::uintptr_t>("stream", &R::stream)
+      .template add<std::optional<bool>>("one_exchange", &R::one_exchange, false);
 }
 
 const Fields<DenseRequest>& dense_fields() {
@@ -234,7 +242,8 @@ const Fields<GuidanceRequest>& guidance_fields() {
         .add("preconditioner_shift", &G::preconditioner_shift, false)
         .add("initial", &G::initial, false)
         .add("initial_cols", &G::initial_cols, false)
-        .add("initial_stride", &G::initial_stride, false);
+        .add("initial_stride", &G::initial_stride, false)
+        .add("omega_form", &G::omega_form, false);
     add_solve_fields(f);
     return f;
   }();
@@ -317,6 +326,8 @@ void validate(const GuidanceRequest& r) {
   } else if (!r.preconditioner_shift.empty()) {
     check.fail("preconditioner_shift is given without preconditioner_cholesky");
   }
+  if (r.omega_form != "auto" && r.omega_form != "operator" && r.omega_form != "dense")
+    check.fail("omega_form='" + r.omega_form + "' must be 'auto', 'operator' or 'dense'");
   if (r.initial) {
     check.address("initial", *r.initial);
     check.size("initial_cols", r.initial_cols, 0);
@@ -392,6 +403,7 @@ void copy_solve_fields(const SolveFields& r, lora_da_solve_request& request) {
   request.max_iter = int(r.max_iter);
   request.seed = r.seed;
   request.stream = r.stream;
+  request.one_exchange = r.one_exchange ? (*r.one_exchange ? 1 : 0) : -1;
   request.eigenvectors = reinterpret_cast<void*>(r.eigenvectors);
 }
 
@@ -429,6 +441,13 @@ py::dict run_request(lora_da_solve_request& request, const std::string& device) 
   out["dense_fallback"] = request.dense_fallback != 0;
   out["block_size"] = request.block_size;
   out["tol"] = request.tol_used;
+  out["one_exchange"] = request.one_exchange_used != 0;
+  out["downloads"] = request.downloads;
+  out["uploads"] = request.uploads;
+  if (request.operator_kind == LORA_DA_OPERATOR_GUIDANCE) {
+    out["omega_form"] = std::string(request.omega_dense ? "dense" : "operator");
+    out["problems_per_chunk"] = request.problems_per_chunk;
+  }
   out["backend"] = request.dense_fallback ? backend + " (dense fallback)" : backend;
   return out;
 }
@@ -456,6 +475,9 @@ py::dict solve_guidance(GuidanceRequest r) {
   request.z_upper = reinterpret_cast<const void*>(r.cholesky);
   request.stride_z = r.cholesky_stride;
   request.alpha = r.alpha;
+  request.omega_form = r.omega_form == "dense"      ? LORA_DA_OMEGA_DENSE
+                       : r.omega_form == "operator" ? LORA_DA_OMEGA_OPERATOR
+                                                    : LORA_DA_OMEGA_AUTO;
   request.variance_scale = r.variance_scale.data();
   if (r.preconditioner_cholesky) {
     request.preconditioner = reinterpret_cast<const void*>(*r.preconditioner_cholesky);
@@ -508,12 +530,14 @@ PYBIND11_MODULE(_core, m) {
                "variance_scale: c (β folded in) per problem. Optional: preconditioner_cholesky (the lower "
                "factor of M = sI + αZ, same layout as cholesky; P = (I − s M⁻¹)/α) with "
                "preconditioner_stride and one preconditioner_shift s per problem; initial (n x initial_cols "
-               "column-major per problem, initial_stride apart) for the first start columns. "
+               "column-major per problem, initial_stride apart) for the first start columns; omega_form "
+               "('auto', 'operator' or 'dense'). "
                "Other fields as in DenseRequest. See `fields` and `required_fields`.");
 
   m.def("lobpcg_dense", &solve_dense, py::arg("request"),
         "Solves a DenseRequest; returns the report (eigenvalues, residual_norms, iterations, converged, "
-        "norm_estimate, dense_fallback, block_size, tol, backend). Eigenvectors go to request.eigenvectors.");
+        "norm_estimate, dense_fallback, block_size, tol, backend, one_exchange, and the host <-> backend "
+        "transfers downloads / uploads; a GuidanceRequest's adds omega_form and problems_per_chunk). Eigenvectors go to request.eigenvectors.");
   m.def("lobpcg_guidance", &solve_guidance, py::arg("request"),
         "Solves a GuidanceRequest; returns the report as lobpcg_dense does.");
 }

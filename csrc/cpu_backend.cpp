@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
@@ -104,6 +106,30 @@ void host_trsm_left(char uplo, char trans, int m, int n, float alpha, const floa
   if (m == 0 || n == 0) return;
   scipy_strsm_(&side, &uplo, &trans, &diag, &m, &n, &alpha, a, &lda, b, &ldb, 1, 1, 1, 1);
 }
+void host_trsm_right_upper(int m, int n, const double* a, int lda, double* b, int ldb) {
+  const char side = 'R', uplo = 'U', trans = 'N', diag = 'N';
+  const double one = 1.0;
+  if (m == 0 || n == 0) return;
+  scipy_dtrsm_(&side, &uplo, &trans, &diag, &m, &n, &one, a, &lda, b, &ldb, 1, 1, 1, 1);
+}
+void host_trsm_right_upper(int m, int n, const float* a, int lda, float* b, int ldb) {
+  const char side = 'R', uplo = 'U', trans = 'N', diag = 'N';
+  const float one = 1.0f;
+  if (m == 0 || n == 0) return;
+  scipy_strsm_(&side, &uplo, &trans, &diag, &m, &n, &one, a, &lda, b, &ldb, 1, 1, 1, 1);
+}
+int host_potrf_upper(int n, double* a, int lda) {
+  const char uplo = 'U';
+  int info = 0;
+  if (n > 0) scipy_dpotrf_(&uplo, &n, a, &lda, &info, 1);
+  return info;
+}
+int host_potrf_upper(int n, float* a, int lda) {
+  const char uplo = 'U';
+  int info = 0;
+  if (n > 0) scipy_spotrf_(&uplo, &n, a, &lda, &info, 1);
+  return info;
+}
 void host_syevd(int n, double* a, int lda, double* w) { syevd_typed<double>(n, a, lda, w, scipy_dsyevd_); }
 void host_syevd(int n, float* a, int lda, float* w) { syevd_typed<float>(n, a, lda, w, scipy_ssyevd_); }
 
@@ -122,12 +148,12 @@ void CpuBackend<T>::release(T* data) noexcept {
 }
 
 template <typename T>
-void CpuBackend<T>::to_host(double* host, const T* data, std::size_t count) {
+void CpuBackend<T>::download(double* host, const T* data, std::size_t count) {
   for (std::size_t i = 0; i < count; ++i) host[i] = double(data[i]);
 }
 
 template <typename T>
-void CpuBackend<T>::from_host(T* data, const double* host, std::size_t count) {
+void CpuBackend<T>::upload(T* data, const double* host, std::size_t count) {
   for (std::size_t i = 0; i < count; ++i) data[i] = T(host[i]);
 }
 
@@ -179,6 +205,53 @@ template <typename T>
 void CpuBackend<T>::syevd(int n, T* a, int lda, std::int64_t stride_a, T* w, std::int64_t stride_w,
                           const Batch& batch) {
   for_each_problem(batch, [&](int p) { host_syevd(n, a + p * stride_a, lda, w + p * stride_w); });
+}
+
+template <typename T>
+void CpuBackend<T>::select_columns(int rows, int cols, const T* src, int ld_src, std::int64_t stride_src,
+                                   const T* gram, int ld_gram, std::int64_t stride_gram, const T* threshold,
+                                   std::int64_t stride_threshold, int locked, T* dst, int ld_dst,
+                                   std::int64_t stride_dst, const Batch& batch) {
+  for_each_problem(batch, [&](int b) {
+    const T limit = threshold[b * stride_threshold];
+    for (int j = 0; j < cols; ++j) {
+      const T square = gram[b * stride_gram + j + std::int64_t(j) * ld_gram];
+      const T norm = std::sqrt(std::max(square, T(0)));
+      const bool keep = norm > T(0) && !(j < locked && norm <= limit);
+      const T scale = keep ? T(1) / norm : T(0);
+      const T* s = src + b * stride_src + std::int64_t(j) * ld_src;
+      T* d = dst + b * stride_dst + std::int64_t(j) * ld_dst;
+      for (int i = 0; i < rows; ++i) d[i] = scale * s[i];
+    }
+  });
+}
+
+template <typename T>
+void CpuBackend<T>::shift_diagonal(int m, T* a, int lda, std::int64_t stride, double relative, const Batch& batch) {
+  for_each_problem(batch, [&](int b) {
+    T* ab = a + b * stride;
+    T trace = 0;
+    for (int j = 0; j < m; ++j) trace += ab[j + std::int64_t(j) * lda];
+    T shift = T(relative) * trace;
+    if (!(shift > T(0))) shift = std::numeric_limits<T>::min();
+    for (int j = 0; j < m; ++j) ab[j + std::int64_t(j) * lda] += shift;
+  });
+}
+
+template <typename T>
+void CpuBackend<T>::cholesky_upper(int m, T* a, int lda, std::int64_t stride, const Batch& batch) {
+  for_each_problem(batch, [&](int b) {
+    const int info = host_potrf_upper(m, a + b * stride, lda);
+    if (info != 0)
+      throw BackendError("Cholesky factorization of a search block failed (problem " + std::to_string(b) +
+                         ", info=" + std::to_string(info) + "): the operator may be non-finite");
+  });
+}
+
+template <typename T>
+void CpuBackend<T>::trsm_right_upper(int rows, int m, const T* u, int ldu, std::int64_t stride_u, T* b, int ldb,
+                                     std::int64_t stride_b, const Batch& batch) {
+  for_each_problem(batch, [&](int p) { host_trsm_right_upper(rows, m, u + p * stride_u, ldu, b + p * stride_b, ldb); });
 }
 
 template class CpuBackend<float>;

@@ -13,10 +13,9 @@ class CpuBackend final : public Backend<T> {
  public:
   explicit CpuBackend(int workers = 1) : workers_(workers < 1 ? 1 : workers) {}
   std::string name() const override { return "cpu-openblas"; }
+  bool shares_host_memory() const override { return true; }
   T* allocate(std::size_t count) override;
   void release(T* data) noexcept override;
-  void to_host(double* host, const T* data, std::size_t count) override;
-  void from_host(T* data, const double* host, std::size_t count) override;
   void copy_block(int rows, int cols, const T* src, int ld_src, std::int64_t stride_src, T* dst, int ld_dst,
                   std::int64_t stride_dst, const Batch& batch) override;
   void add_block(int rows, int cols, T alpha, const T* src, int ld_src, std::int64_t stride_src, T beta, T* dst,
@@ -27,7 +26,18 @@ class CpuBackend final : public Backend<T> {
   void trsm_left(char uplo, char trans, int m, int n, const double* alpha_per_problem, const T* a, int lda,
                  std::int64_t stride_a, T* b, int ldb, std::int64_t stride_b, const Batch& batch) override;
   void syevd(int n, T* a, int lda, std::int64_t stride_a, T* w, std::int64_t stride_w, const Batch& batch) override;
+  void select_columns(int rows, int cols, const T* src, int ld_src, std::int64_t stride_src, const T* gram,
+                      int ld_gram, std::int64_t stride_gram, const T* threshold, std::int64_t stride_threshold,
+                      int locked, T* dst, int ld_dst, std::int64_t stride_dst, const Batch& batch) override;
+  void shift_diagonal(int m, T* a, int lda, std::int64_t stride, double relative, const Batch& batch) override;
+  void cholesky_upper(int m, T* a, int lda, std::int64_t stride, const Batch& batch) override;
+  void trsm_right_upper(int rows, int m, const T* u, int ldu, std::int64_t stride_u, T* b, int ldb,
+                        std::int64_t stride_b, const Batch& batch) override;
   void synchronize() override {}
+
+ protected:
+  void download(double* host, const T* data, std::size_t count) override;
+  void upload(T* data, const double* host, std::size_t count) override;
 
  private:
   template <typename Body>

@@ -24,6 +24,8 @@ void scipy_dsyevd_(const char* jobz, const char* uplo, const int* n, double* a, 
                    std::size_t);
 void scipy_ssyevd_(const char* jobz, const char* uplo, const int* n, float* a, const int* lda, float* w, float* work,
                    const int* lwork, int* iwork, const int* liwork, int* info, std::size_t, std::size_t);
+void scipy_dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info, std::size_t);
+void scipy_spotrf_(const char* uplo, const int* n, float* a, const int* lda, int* info, std::size_t);
 }
 
 namespace lora_da {
@@ -40,6 +42,10 @@ void host_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* 
                float beta, float* c, int ldc);
 void host_trsm_left(char uplo, char trans, int m, int n, double alpha, const double* a, int lda, double* b, int ldb);
 void host_trsm_left(char uplo, char trans, int m, int n, float alpha, const float* a, int lda, float* b, int ldb);
+void host_trsm_right_upper(int m, int n, const double* a, int lda, double* b, int ldb);
+void host_trsm_right_upper(int m, int n, const float* a, int lda, float* b, int ldb);
+int host_potrf_upper(int n, double* a, int lda);  // LAPACK info
+int host_potrf_upper(int n, float* a, int lda);
 void host_syevd(int n, double* a, int lda, double* w);
 void host_syevd(int n, float* a, int lda, float* w);
 

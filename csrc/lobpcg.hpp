@@ -64,6 +64,13 @@ struct LobpcgOptions {
   const void* initial = nullptr;
   int initial_cols = 0;
   std::int64_t initial_stride = 0;
+  // The variant with one host exchange per iteration (lobpcg_fused.hpp): the search
+  // block is orthonormalized on the backend (shifted Cholesky QR) and the
+  // Rayleigh–Ritz step reads all small products at once. What the CUDA backend runs.
+  bool one_exchange = false;
+  // Index of the first problem in the whole request (when a request is solved in
+  // chunks): problem b of this call draws its start from stream first_problem + b.
+  std::int64_t first_problem = 0;
 };
 
 struct LobpcgReport {
@@ -75,6 +82,7 @@ struct LobpcgReport {
   bool dense_fallback = false;
   int block_size = 0;
   double tol = 0;
+  TransferCounts transfers;  // host <-> backend transfers of this solve
 };
 
 // Default tolerances (relative residual): 2e-4 for fp32 (about 1.7e3 x its
@@ -159,7 +167,31 @@ inline int svqb_transform(int w, const double* gram, double drop, double* transf
   return kept;
 }
 
+// Start block in the W slot: seeded random columns (problem b draws from its own
+// stream, so a problem's start does not depend on the rest of the batch), the
+// first of them replaced by the caller's start vectors when given. `scratch`
+// holds n x m per problem.
+template <typename T>
+void fill_start_block(Backend<T>& backend, const LobpcgOptions& options, int n, int m, int batch_count, T* scratch,
+                      T* w_slot, std::int64_t stride_basis) {
+  const std::int64_t stride_block = std::int64_t(n) * m;
+  Batch all{batch_count, nullptr};
+  std::vector<double> start(std::size_t(stride_block) * batch_count);
+  for (int b = 0; b < batch_count; ++b) {
+    const std::uint64_t problem = std::uint64_t(options.first_problem) + std::uint64_t(b);
+    NormalStream normal(options.seed * 0x2545F4914F6CDD1DULL + problem * 0x9E3779B97F4A7C15ULL + 1);
+    for (std::int64_t i = 0; i < stride_block; ++i) start[std::size_t(b) * stride_block + i] = normal.next();
+  }
+  backend.from_host(scratch, start.data(), start.size());
+  backend.copy_block(n, m, scratch, n, stride_block, w_slot, n, stride_basis, all);
+  if (options.initial != nullptr && options.initial_cols > 0)
+    backend.copy_block(n, std::min(options.initial_cols, m), static_cast<const T*>(options.initial), n,
+                       options.initial_stride, w_slot, n, stride_basis, all);
+}
+
 }  // namespace detail
+
+#include "lobpcg_fused.hpp"  // NOLINT: the one-exchange variant, written over the helpers above
 
 // Solves the batch; writes the k eigenvectors of problem b into
 // eigenvectors + b * n * k (n x k, column-major). Throws BackendError.
@@ -219,6 +251,13 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
   const int m = block;
   const int s = 3 * m;
   report.block_size = m;
+  const TransferCounts before = backend.transfers();
+  if (options.one_exchange) {
+    detail::lobpcg_one_exchange(backend, op, batch_count, options, eigenvectors, m, tol, sign, report);
+    report.transfers.downloads = backend.transfers().downloads - before.downloads;
+    report.transfers.uploads = backend.transfers().uploads - before.uploads;
+    return report;
+  }
   const std::int64_t stride_basis = std::int64_t(n) * s;  // S, AS: n x 3m
   const std::int64_t stride_pair = std::int64_t(n) * 2 * m;  // next [X | P]
   const std::int64_t stride_block = std::int64_t(n) * m;
@@ -378,19 +417,8 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
     }
   };
 
-  // Start: a seeded random block in the W slot (problem b draws from its own
-  // stream, so a problem's start does not depend on the rest of the batch).
   {
-    std::vector<double> start(std::size_t(stride_block) * batch_count);
-    for (int b = 0; b < batch_count; ++b) {
-      detail::NormalStream normal(options.seed * 0x2545F4914F6CDD1DULL + std::uint64_t(b) * 0x9E3779B97F4A7C15ULL + 1);
-      for (std::int64_t i = 0; i < stride_block; ++i) start[std::size_t(b) * stride_block + i] = normal.next();
-    }
-    backend.from_host(scratch.get(), start.data(), start.size());
-    backend.copy_block(n, m, scratch.get(), n, stride_block, w_slot, n, stride_basis, all);
-    if (options.initial != nullptr && options.initial_cols > 0)
-      backend.copy_block(n, std::min(options.initial_cols, m), static_cast<const T*>(options.initial), n,
-                         options.initial_stride, w_slot, n, stride_basis, all);
+    detail::fill_start_block(backend, options, n, m, batch_count, scratch.get(), w_slot, stride_basis);
     orthonormalize_w();
     op.apply(w_slot, n, stride_basis, aw_slot, n, stride_basis, max_w_count(), sign, active);
     rayleigh_ritz();
@@ -445,6 +473,8 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
     for (int j = 0; j < k; ++j) report.eigenvalues[std::size_t(b) * k + j] = double(sign) * theta[std::size_t(b) * m + j];
   backend.copy_block(n, k, x_slot, n, stride_basis, eigenvectors, n, std::int64_t(n) * k, all);
   backend.synchronize();
+  report.transfers.downloads = backend.transfers().downloads - before.downloads;
+  report.transfers.uploads = backend.transfers().uploads - before.uploads;
   return report;
 }
 

@@ -1,18 +1,23 @@
 // The operators the LOBPCG solver applies, written over the backend interface.
 #pragma once
 
+#include <algorithm>
 #include <vector>
 
 #include "backend.hpp"
 
 namespace lora_da {
 
-// A batch of dense symmetric matrices A[b] (n x n, `stride` elements apart).
+// A batch of dense symmetric matrices A[b] (n x n, `stride` elements apart):
+// one batched GEMM per application. Optionally with dense preconditioners
+// P[b] (n x n, `stride_p` apart; nullptr = none), also one batched GEMM.
 template <typename T>
 class DenseSymmetricOperator final : public Operator<T> {
  public:
-  DenseSymmetricOperator(Backend<T>& backend, const T* matrices, int n, std::int64_t stride)
-      : backend_(backend), matrices_(matrices), n_(n), stride_(stride) {}
+  DenseSymmetricOperator(Backend<T>& backend, const T* matrices, int n, std::int64_t stride,
+                         const T* preconditioners = nullptr, std::int64_t stride_p = 0)
+      : backend_(backend), matrices_(matrices), n_(n), stride_(stride), preconditioners_(preconditioners),
+        stride_p_(stride_p) {}
   int size() const override { return n_; }
   void apply(const T* v, int ldv, std::int64_t stride_v, T* av, int ldav, std::int64_t stride_av, int cols, T sign,
              const Batch& batch) override {
@@ -20,12 +25,21 @@ class DenseSymmetricOperator final : public Operator<T> {
     backend_.gemm('N', 'N', n_, cols, n_, sign, matrices_, n_, stride_, v, ldv, stride_v, T(0), av, ldav, stride_av,
                   batch);
   }
+  bool precondition(const T* v, int ldv, std::int64_t stride_v, T* out, int ldo, std::int64_t stride_o, int cols,
+                    const Batch& batch) override {
+    if (preconditioners_ == nullptr || cols <= 0) return false;
+    backend_.gemm('N', 'N', n_, cols, n_, T(1), preconditioners_, n_, stride_p_, v, ldv, stride_v, T(0), out, ldo,
+                  stride_o, batch);
+    return true;
+  }
 
  private:
   Backend<T>& backend_;
   const T* matrices_;
   int n_;
   std::int64_t stride_;
+  const T* preconditioners_;
+  std::int64_t stride_p_;
 };
 
 // LoRA-DA's Initialization Guidance Matrix as an operator (docs/math.md §5.3),
@@ -101,8 +115,12 @@ class LoraDAGuidanceOperator final : public Operator<T> {
     backend_.add_block(n_, cols, T(1.0 / alpha_), v, ldv, stride_v, T(1), out, ldo, stride_o, batch);
     return true;
   }
-  ~LoraDAGuidanceOperator() override {
+  ~LoraDAGuidanceOperator() override { release_workspace(); }
+  // Frees the projection workspace (it is made again on the next apply).
+  void release_workspace() noexcept {
     if (projection_ != nullptr) backend_.release(projection_);
+    projection_ = nullptr;
+    workspace_cols_ = 0;
   }
 
  private:
@@ -130,5 +148,28 @@ class LoraDAGuidanceOperator final : public Operator<T> {
   T* projection_ = nullptr;
   int workspace_cols_ = 0;
 };
+
+// Forms sign·A[b] (and P[b] when `preconditioners` is given and the operator has
+// one) as dense n x n matrices by applying the operator to the columns of the
+// identity, `chunk` columns at a time (the operator's own arithmetic, so the dense
+// matrix is the operator to rounding; it is symmetric to rounding only).
+template <typename T>
+void form_dense(Backend<T>& backend, Operator<T>& op, int batch_count, T* matrices, T* preconditioners, int chunk) {
+  const int n = op.size();
+  const std::int64_t nn = std::int64_t(n) * n;
+  chunk = std::max(1, std::min(chunk, n));
+  Batch all{batch_count, nullptr};
+  DeviceBuffer<T> identity(backend, std::size_t(n) * chunk);
+  std::vector<double> host(std::size_t(n) * chunk);
+  for (int first = 0; first < n; first += chunk) {
+    const int cols = std::min(chunk, n - first);
+    std::fill(host.begin(), host.end(), 0.0);
+    for (int j = 0; j < cols; ++j) host[std::size_t(first + j) + std::size_t(j) * n] = 1.0;
+    backend.from_host(identity.get(), host.data(), host.size());
+    op.apply(identity.get(), n, 0, matrices + std::int64_t(first) * n, n, nn, cols, T(1), all);
+    if (preconditioners != nullptr)
+      op.precondition(identity.get(), n, 0, preconditioners + std::int64_t(first) * n, n, nn, cols, all);
+  }
+}
 
 }  // namespace lora_da

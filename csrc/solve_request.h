@@ -15,6 +15,9 @@ extern "C" {
 
 enum lora_da_operator_kind { LORA_DA_OPERATOR_DENSE = 0, LORA_DA_OPERATOR_GUIDANCE = 1 };
 enum lora_da_dtype { LORA_DA_FLOAT32 = 0, LORA_DA_FLOAT64 = 1 };
+/* How the guidance operator is applied: auto = dense on CUDA (when it fits in the
+ * free device memory), the operator form on the CPU. */
+enum lora_da_omega_form { LORA_DA_OMEGA_AUTO = 0, LORA_DA_OMEGA_OPERATOR = 1, LORA_DA_OMEGA_DENSE = 2 };
 
 struct lora_da_solve_request {
   /* problem (all pointers into memory of the solving device, column-major) */
@@ -52,6 +55,8 @@ struct lora_da_solve_request {
   int64_t initial_cols;
   int64_t initial_stride;
   uintptr_t stream; /* CUDA stream handle (0 = legacy default stream) */
+  int omega_form;   /* guidance: enum lora_da_omega_form */
+  int one_exchange; /* < 0 = the backend's choice (CUDA yes, CPU no), 0 = no, 1 = yes */
   /* outputs: eigenvectors on the device (batch x n x k), the rest on the host */
   void* eigenvectors;
   double* eigenvalues;    /* batch x k */
@@ -62,6 +67,11 @@ struct lora_da_solve_request {
   int dense_fallback;
   int64_t block_size;
   double tol_used;
+  int omega_dense;        /* guidance: whether Ω was formed densely */
+  int one_exchange_used;  /* whether the one-exchange variant ran */
+  int64_t problems_per_chunk; /* problems solved together (the batch, unless the dense Ω did not fit) */
+  int64_t downloads;      /* host <-> backend transfers of the solve (Backend::transfers) */
+  int64_t uploads;
 };
 
 /* Each returns 0 on success, else writes a message and returns nonzero. */
