@@ -82,6 +82,7 @@ struct GuidanceRequest : SolveFields {
   // "operator": the factored form (GEMMs and triangular solves); "auto": dense on CUDA
   // when it fits in the free device memory, the operator form on the CPU.
   std::string omega_form = "auto";
+  std::optional<std::int64_t> dense_chunk;  // dense Ω: at most this many problems at once (None = as many as fit)
 };
 
 const char* type_name(py::handle value) { return Py_TYPE(value.ptr())->tp_name; }
@@ -243,7 +244,8 @@ const Fields<GuidanceRequest>& guidance_fields() {
         .add("initial", &G::initial, false)
         .add("initial_cols", &G::initial_cols, false)
         .add("initial_stride", &G::initial_stride, false)
-        .add("omega_form", &G::omega_form, false);
+        .add("omega_form", &G::omega_form, false)
+        .add("dense_chunk", &G::dense_chunk, false);
     add_solve_fields(f);
     return f;
   }();
@@ -328,6 +330,7 @@ void validate(const GuidanceRequest& r) {
   }
   if (r.omega_form != "auto" && r.omega_form != "operator" && r.omega_form != "dense")
     check.fail("omega_form='" + r.omega_form + "' must be 'auto', 'operator' or 'dense'");
+  if (r.dense_chunk) check.size("dense_chunk", *r.dense_chunk);
   if (r.initial) {
     check.address("initial", *r.initial);
     check.size("initial_cols", r.initial_cols, 0);
@@ -478,6 +481,7 @@ py::dict solve_guidance(GuidanceRequest r) {
   request.omega_form = r.omega_form == "dense"      ? LORA_DA_OMEGA_DENSE
                        : r.omega_form == "operator" ? LORA_DA_OMEGA_OPERATOR
                                                     : LORA_DA_OMEGA_AUTO;
+  request.dense_chunk = r.dense_chunk ? *r.dense_chunk : 0;
   request.variance_scale = r.variance_scale.data();
   if (r.preconditioner_cholesky) {
     request.preconditioner = reinterpret_cast<const void*>(*r.preconditioner_cholesky);
@@ -531,7 +535,7 @@ PYBIND11_MODULE(_core, m) {
                "factor of M = sI + αZ, same layout as cholesky; P = (I − s M⁻¹)/α) with "
                "preconditioner_stride and one preconditioner_shift s per problem; initial (n x initial_cols "
                "column-major per problem, initial_stride apart) for the first start columns; omega_form "
-               "('auto', 'operator' or 'dense'). "
+               "('auto', 'operator' or 'dense') and dense_chunk (dense Ω: at most this many problems at once). "
                "Other fields as in DenseRequest. See `fields` and `required_fields`.");
 
   m.def("lobpcg_dense", &solve_dense, py::arg("request"),

@@ -99,6 +99,7 @@ void solve_on_backend(Backend<T>& backend, lora_da_solve_request& request) {
   if (dense) {
     per_chunk = dense_problems_that_fit(backend.available_memory(), batch, n, d_out, block, preconditioned,
                                         chunk_cols, sizeof(T));
+    if (request.dense_chunk > 0) per_chunk = std::min<std::int64_t>(per_chunk, request.dense_chunk);
     if (per_chunk < 1) {
       if (request.omega_form == LORA_DA_OMEGA_DENSE) per_chunk = 1;  // asked for: try it one problem at a time
       else dense = false, per_chunk = batch;                          // auto: the operator form

@@ -56,6 +56,7 @@ struct lora_da_solve_request {
   int64_t initial_stride;
   uintptr_t stream; /* CUDA stream handle (0 = legacy default stream) */
   int omega_form;   /* guidance: enum lora_da_omega_form */
+  int64_t dense_chunk; /* guidance, dense Ω: at most this many problems at once (<= 0 = as many as fit) */
   int one_exchange; /* < 0 = the backend's choice (CUDA yes, CPU no), 0 = no, 1 = yes */
   /* outputs: eigenvectors on the device (batch x n x k), the rest on the host */
   void* eigenvectors;
