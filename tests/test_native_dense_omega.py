@@ -164,3 +164,63 @@ def test_bad_variant_fields():
         guidance_solve(op, 2, one_exchange=1)
     with pytest.raises(ValueError, match="dense_chunk=0"):
         guidance_solve(op, 2, omega_form="dense", dense_chunk=0)
+
+
+def test_one_exchange_on_a_tight_cluster():
+    """20 eigenvalues within 2e-8 at the bottom, k = 8: the block splits the cluster. The
+    one-exchange variant converges with orthonormal vectors whose Rayleigh quotients are the
+    cluster's (|θ − λ| ≤ tol · ‖A‖ · SAFETY); the residuals are checked in float64 here."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.linalg.qr(torch.randn(300, 300, dtype=torch.float64, generator=g))[0]
+    spectrum = torch.cat([1.0 + 1e-9 * torch.arange(20, dtype=torch.float64),
+                          torch.linspace(2, 3, 280, dtype=torch.float64)])
+    a = (q * spectrum) @ q.mT
+    a = (0.5 * (a + a.mT)).unsqueeze(0)
+    report, vectors = dense_solve(a, 8, one_exchange=True)
+    assert report["converged"] == [True]
+    gram = vectors.mT @ vectors
+    assert (gram - torch.eye(8, dtype=torch.float64)).abs().max() < 1e-12
+    values = torch.tensor(report["eigenvalues"], dtype=torch.float64)
+    assert (values - spectrum[:8]).abs().max() <= SAFETY * 1e-10 * 3.0
+    residual = a[0] @ vectors[0] - vectors[0] * values
+    assert residual.norm(dim=0).max() <= SAFETY * 1e-10 * 3.0
+
+
+def to_device(op: LoraDAOperator, device: str) -> LoraDAOperator:
+    return LoraDAOperator(delta=op.delta.to(device), cholesky=op.cholesky.to(device), alpha=op.alpha,
+                          variance_scale=op.variance_scale,
+                          preconditioner_cholesky=op.preconditioner_cholesky.to(device),
+                          preconditioner_shift=op.preconditioner_shift)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("form,one_exchange", [("auto", None), ("dense", True), ("operator", True),
+                                               ("operator", False)])
+def test_cuda_variants_match_eigh(dtype, form, one_exchange):
+    for n, batch in ((180, 3), (257, 2)):
+        op = guidance_problem(batch, n, n // 3, seed=n, dtype=dtype)
+        report, vectors = guidance_solve(to_device(op, "cuda"), 8, one_exchange=one_exchange, omega_form=form)
+        if form == "auto":  # what CUDA runs by default
+            assert report["omega_form"] == "dense" and report["one_exchange"] is True
+        exact = LoraDAOperator(delta=op.delta.double(), cholesky=op.cholesky.double(), alpha=op.alpha,
+                               variance_scale=op.variance_scale).dense()
+        check_against(exact, report, vectors.cpu(), 8, dtype)
+        if report["one_exchange"]:
+            assert report["downloads"] == max(report["iterations"]) + 2
+
+
+@pytest.mark.cuda
+def test_cuda_repeated_solves_reuse_the_pooled_context():
+    """Many solves in a row (the pooled handles and pinned buffer reused, memory stream-ordered)
+    give the same answer each time and leave no device memory behind."""
+    op = to_device(guidance_problem(2, 200, 40, seed=8), "cuda")
+    first, vectors = guidance_solve(op, 4)
+    torch.cuda.synchronize()
+    before = torch.cuda.mem_get_info()[0]
+    for _ in range(5):
+        report, again = guidance_solve(op, 4)
+        assert report["iterations"] == first["iterations"]
+        assert (again - vectors).abs().max().item() == 0.0
+    torch.cuda.synchronize()
+    assert torch.cuda.mem_get_info()[0] >= before - (64 << 20)
