@@ -277,9 +277,15 @@ class CudaBackend final : public Backend<T> {
  public:
   explicit CudaBackend(cudaStream_t stream) : libs_(libraries()), stream_(stream) {
     context_ = context_pool().acquire(libs_);
-    check_cublas(libs_.cublas_set_stream(context_->cublas, stream_), "cublasSetStream");
-    if (context_->cusolver != nullptr)
-      check_cusolver(libs_.cusolver_set_stream(context_->cusolver, stream_), "cusolverDnSetStream");
+    cublasStatus_t cublas_status = libs_.cublas_set_stream(context_->cublas, stream_);
+    cusolverStatus_t cusolver_status =
+        context_->cusolver != nullptr ? libs_.cusolver_set_stream(context_->cusolver, stream_) : 0;
+    if (cublas_status != 0 || cusolver_status != 0) {
+      // The destructor does not run when the constructor throws: give the context back here.
+      context_pool().give_back(std::move(context_));
+      check_cublas(cublas_status, "cublasSetStream");
+      check_cusolver(cusolver_status, "cusolverDnSetStream");
+    }
   }
   // Returns the context to the pool. When the solve threw, the stream may still use the
   // pinned buffer: wait for it first (statuses dropped: the error propagating is reported).

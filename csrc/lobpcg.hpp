@@ -221,6 +221,7 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
   report.norm_estimate.assign(batch_count, 0.0);
   Batch all{batch_count, nullptr};
 
+  const TransferCounts before = backend.transfers();
   if (block < k) {
     // Small n (see above): solve densely.
     report.dense_fallback = true;
@@ -245,13 +246,14 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
       report.norm_estimate[b] = norm;
     }
     backend.synchronize();
+    report.transfers.downloads = backend.transfers().downloads - before.downloads;
+    report.transfers.uploads = backend.transfers().uploads - before.uploads;
     return report;
   }
 
   const int m = block;
   const int s = 3 * m;
   report.block_size = m;
-  const TransferCounts before = backend.transfers();
   if (options.one_exchange) {
     detail::lobpcg_one_exchange(backend, op, batch_count, options, eigenvectors, m, tol, sign, report);
     report.transfers.downloads = backend.transfers().downloads - before.downloads;
