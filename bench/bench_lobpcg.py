@@ -77,19 +77,23 @@ def guidance_solve(op: LoraDAOperator, k: int, *, one_exchange=None, omega_form:
 
 
 def guidance_problem(batch: int, n: int, d_out: int, *, seed: int = 0, dtype=torch.float64,
-                     preconditioned: bool = True, alpha: float = 1.0, beta_c: float = 1e-3) -> LoraDAOperator:
+                     preconditioned: bool = True, alpha: float = 1.0, beta_c: float = 1e-3,
+                     device: str = "cpu") -> LoraDAOperator:
     """A LoRA-DA-shaped operator: Δ̂ with ‖Δ̂‖₂ = 1, Z = GGᵀ/n' + 1e-3 I (condition ~1e3),
-    one βc per problem spread over a decade, and the preconditioner of docs/math.md §5.3."""
+    one βc per problem spread over a decade, and the preconditioner of docs/math.md §5.3
+    (drawn on the CPU, built in float64 on ``device``)."""
     g = torch.Generator().manual_seed(seed)
-    delta = torch.randn(batch, n, d_out, dtype=torch.float64, generator=g)
+    delta = torch.randn(batch, n, d_out, dtype=torch.float64, generator=g).to(device)
     delta = delta / torch.linalg.matrix_norm(delta, ord=2).reshape(batch, 1, 1)
-    factor = torch.randn(batch, n, n + 16, dtype=torch.float64, generator=g)
-    z = factor @ factor.mT / (n + 16) + 1e-3 * torch.eye(n, dtype=torch.float64)
+    factor = torch.randn(batch, n, n + 16, dtype=torch.float64, generator=g).to(device)
+    eye = torch.eye(n, dtype=torch.float64, device=device)
+    z = factor @ factor.mT / (n + 16) + 1e-3 * eye
+    del factor
     scale = [beta_c * 10 ** (b / max(batch - 1, 1)) for b in range(batch)]
     fields = {}
     if preconditioned:
-        shift = torch.tensor(scale, dtype=torch.float64).reshape(batch, 1, 1)
-        m = shift * torch.eye(n, dtype=torch.float64) + alpha * z
+        shift = torch.tensor(scale, dtype=torch.float64, device=device).reshape(batch, 1, 1)
+        m = shift * eye + alpha * z
         fields = dict(preconditioner_cholesky=torch.linalg.cholesky(m).to(dtype), preconditioner_shift=scale)
     return LoraDAOperator(delta=delta.to(dtype), cholesky=torch.linalg.cholesky(z).to(dtype), alpha=alpha,
                           variance_scale=scale, **fields)
@@ -155,22 +159,22 @@ def run_size(n: int, batch: int, k: int, sample: int, tol: float | None) -> list
 GUIDANCE_VARIANTS = (("operator", False), ("operator", True), ("dense", False), ("dense", True))
 
 
-def run_guidance(n: int, batch: int, k: int, device: str) -> list[tuple]:
-    """The four ways to solve one batch of LoRA-DA operators (see the module docstring)."""
-    op = guidance_problem(batch, n, max(n // 2, 8), seed=n)
-    values, vectors = torch.linalg.eigh(op.dense())
-    exact = vectors[..., :k]
-    if device != "cpu":
-        op = LoraDAOperator(delta=op.delta.to(device), cholesky=op.cholesky.to(device), alpha=op.alpha,
-                            variance_scale=op.variance_scale,
-                            preconditioner_cholesky=op.preconditioner_cholesky.to(device),
-                            preconditioner_shift=op.preconditioner_shift)
-    guidance_solve(op, k, one_exchange=True, omega_form="dense")  # warm-up (handles, pools)
+def run_guidance(n: int, batch: int, k: int, device: str, oracle: int) -> list[tuple]:
+    """The four ways to solve one batch of LoRA-DA operators (see the module docstring);
+    the angle over the first ``oracle`` problems (eigh on ``device``)."""
+    op = guidance_problem(batch, n, max(n // 2, 8), seed=n, device=device)
+    count = min(batch, oracle)
+    sample = LoraDAOperator(delta=op.delta[:count], cholesky=op.cholesky[:count], alpha=op.alpha,
+                            variance_scale=op.variance_scale[:count])
+    exact = torch.linalg.eigh(sample.dense())[1][..., :k] if count else None
+    del sample
+    small = guidance_problem(2, 256, 64, device=device)
+    guidance_solve(small, k, one_exchange=True, omega_form="dense")  # warm-up (handles, pools)
     rows = []
     for form, one_exchange in GUIDANCE_VARIANTS:
         with Timer(device if device != "cpu" else None) as timer:
             report, found = guidance_solve(op, k, one_exchange=one_exchange, omega_form=form)
-        angle = largest_principal_angle(exact, found.cpu()).max().item()
+        angle = largest_principal_angle(exact, found[:count]).max().item() if count else float("nan")
         iterations = max(report["iterations"])
         method = f"Ω {form}, {'one exchange' if one_exchange else 'classic'}"
         notes = (f"{min(report['iterations'])}-{iterations} it, {report['downloads']} downloads + "
@@ -191,6 +195,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default=None, help="also write the table (markdown) here")
     parser.add_argument("--guidance", action="store_true", help="time the LoRA-DA operator's four variants instead")
     parser.add_argument("--device", default="cpu", help="with --guidance: cpu or cuda")
+    parser.add_argument("--oracle", type=int, default=None,
+                        help="with --guidance: problems checked against eigh (default: all for n <= 2048, else 1)")
     args = parser.parse_args(argv)
     if args.guidance:
         guidance_main(args, argv)
@@ -229,14 +235,16 @@ def guidance_main(args, argv) -> None:
         f"Machine: {machine_description()}",
         "",
         f"Batch of {args.batch} LoRA-DA operators (d_out = n/2, preconditioned), k = {args.k}, device {args.device}; "
-        "time for the whole batch (Ω formed inside the dense rows' time); angle to eigh of Ω in float64.",
+        "time for the whole batch (Ω formed inside the dense rows' time); angle to eigh of Ω in float64 "
+        "(over the first problems only for n > 2048, see --oracle).",
         "",
         "| n | variant | time (s) | relative to the first | largest angle (rad) | notes |",
         "|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for n in args.sizes:
-        rows = run_guidance(n, args.batch, args.k, args.device)
+        oracle = args.oracle if args.oracle is not None else (args.batch if n <= 2048 else 1)
+        rows = run_guidance(n, args.batch, args.k, args.device, oracle)
         first = rows[0][2]
         for size, method, elapsed, _, angle, notes in rows:
             line = f"| {size} | {method} | {elapsed:.2f} | {elapsed / first:.2f}x | {angle:.2e} | {notes} |"
