@@ -451,7 +451,15 @@ py::dict run_request(lora_da_solve_request& request, const std::string& device) 
     out["omega_form"] = std::string(request.omega_dense ? "dense" : "operator");
     out["problems_per_chunk"] = request.problems_per_chunk;
   }
-  out["backend"] = request.dense_fallback ? backend + " (dense fallback)" : backend;
+  // what ran beyond the CPU default: "(dense fallback)", or "(dense Ω, one exchange)" (CUDA's default)
+  std::string variant;
+  if (request.dense_fallback) {
+    variant = "dense fallback";
+  } else {
+    if (request.operator_kind == LORA_DA_OPERATOR_GUIDANCE && request.omega_dense) variant = "dense Ω";
+    if (request.one_exchange_used) variant += std::string(variant.empty() ? "" : ", ") + "one exchange";
+  }
+  out["backend"] = variant.empty() ? backend : backend + " (" + variant + ")";
   return out;
 }
 

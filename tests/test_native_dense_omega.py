@@ -224,3 +224,12 @@ def test_cuda_repeated_solves_reuse_the_pooled_context():
         assert (again - vectors).abs().max().item() == 0.0
     torch.cuda.synchronize()
     assert torch.cuda.mem_get_info()[0] >= before - (64 << 20)
+
+
+def test_the_backend_string_names_the_variant():
+    op = guidance_problem(2, 200, 40, seed=6)
+    assert guidance_solve(op, 4)[0]["backend"] == "lobpcg/cpu-openblas"  # the CPU default: unchanged
+    report, _ = guidance_solve(op, 4, one_exchange=True, omega_form="dense")
+    assert report["backend"] == "lobpcg/cpu-openblas (dense Ω, one exchange)"
+    report, _ = dense_solve(symmetric(1, 200, seed=2), 4, one_exchange=True)
+    assert report["backend"] == "lobpcg/cpu-openblas (one exchange)"
