@@ -16,8 +16,11 @@
 // a direction that comes out with squared norm below 1e-2 of the largest is
 // dropped (its coefficients would carry the products' rounding). The Rayleigh–Ritz
 // step and the P update are those of lobpcg.hpp in that orthonormal basis.
-// On the CPU this variant costs about the same as the other; on CUDA it removes
-// eight of the nine blocking round trips an iteration had.
+// On the CPU, where a transfer is a copy, this variant is 1.2-1.9x slower than the
+// classic one (an extra projection, SᵀS, and the host's coefficient-space pass;
+// bench/bench_lobpcg.py --guidance), so the CPU backend keeps the classic one by
+// default; on CUDA it replaces the nine blocking transfers of an iteration by one
+// download (and one asynchronous upload).
 
 namespace detail {
 
