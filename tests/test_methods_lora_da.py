@@ -89,6 +89,12 @@ def _sixteen_tokens():
     return list(batches(synthetic_samples(2, min_len=8, max_len=8, seed=3), 2))
 
 
+# Z accumulates in float64: with 16 tokens its null space shows eigenvalues of ~±1e-16·λ_max,
+# which a damping of 1e-12 covers (Z + 1e-12·I is positive definite in exact arithmetic and in
+# float64). 1e-20 is below that rounding: the factorization fails and the damping escalates.
+TINY_DAMPING = 1e-20
+
+
 def _runtime_warnings(call):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -102,10 +108,10 @@ def test_damping_escalations_give_one_warning_at_the_callers_line(solver):
     from lora_da.user_warnings import DampingWarning
 
     init, caught = _runtime_warnings(lambda: lora_da.initialize(
-        tiny_llama(), _sixteen_tokens(), rank=2, train_size=10, damping=1e-12, solver=solver, progress=False
+        tiny_llama(), _sixteen_tokens(), rank=2, train_size=10, damping=TINY_DAMPING, solver=solver, progress=False
     ))
     assert init.num_tokens == 16
-    raised = {name: m.damping / 1e-12 for name, m in init.modules.items() if m.damping > 1e-12}
+    raised = {name: m.damping / TINY_DAMPING for name, m in init.modules.items() if m.damping > TINY_DAMPING}
     assert len(raised) > 1  # several modules escalated ...
     assert len(caught) == 1  # ... one warning
     warning = caught[0]
@@ -113,7 +119,7 @@ def test_damping_escalations_give_one_warning_at_the_callers_line(solver):
     message = str(warning.message)
     worst = max(raised, key=raised.get)
     assert message.startswith(f"{len(raised)} modules (")
-    assert "needed more damping than damping=1e-12" in message
+    assert f"needed more damping than damping={TINY_DAMPING:g}" in message
     assert f"up to {raised[worst]:.3g}x (damping {init.modules[worst].damping:g}) for '{worst}'" in message
     assert "fewer tokens than d_in" in message and "16 calibration tokens < d_in 32..64" in message
     assert "more calibration tokens or a larger damping=" in message
@@ -125,12 +131,12 @@ def test_several_passes_give_one_damping_warning_per_initialize_call():
     from lora_da.models import tiny_llama
 
     def call():
-        return lora_da.initialize(tiny_llama(), _sixteen_tokens(), rank=2, train_size=10, damping=1e-12,
+        return lora_da.initialize(tiny_llama(), _sixteen_tokens(), rank=2, train_size=10, damping=TINY_DAMPING,
                                   max_memory=60_000, progress=False)
 
     init, caught = _runtime_warnings(call)
     assert init.passes > 1
-    raised = [name for name, m in init.modules.items() if m.damping > 1e-12]
+    raised = [name for name, m in init.modules.items() if m.damping > TINY_DAMPING]
     assert len(caught) == 1 and caught[0].filename == __file__
     assert str(caught[0].message).startswith(f"{len(raised)} modules (")
 
