@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--skip-floor", action="store_true", help="do not time the plain forward+backward pass")
+    parser.add_argument("--precision", default="auto", help="statistics_precision of the run compared (default: auto)")
+    parser.add_argument("--also", nargs="*", default=[], metavar="PRECISION",
+                        help="more statistics_precision values to time and compare, e.g. float32")
     parser.add_argument("--output")
     args = parser.parse_args()
 
@@ -62,15 +65,21 @@ def main() -> None:
         print(f"floor: {floor:.2f} s", flush=True)
 
     config = lora_da.LoraDAConfig(rank=RANK, train_size=TRAIN_SIZE, progress=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with Timer() as wall:
-            init = lora_da.initialize(model, loader, rank=RANK, train_size=TRAIN_SIZE, progress=False)
-    print(f"ours: {init.timings} (wall {wall.seconds:.2f} s)", flush=True)
-    ours = {name: (m.lora_A.detach().T.clone(), float(m.damping)) for name, m in init.modules.items()}
-    timings, backends, statistics_mib = dict(init.timings), dict(init.backends), init.statistics_bytes / 2**20
-    messages = sorted({str(w.message) for w in caught})
-    del init
+    runs = {}  # precision -> (lora_Aᵀ and damping per module, timings, backends, statistics MiB, warnings)
+    for precision in [args.precision] + [p for p in args.also if p != args.precision]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            init = lora_da.initialize(
+                model, loader, rank=RANK, train_size=TRAIN_SIZE, statistics_precision=precision, progress=False
+            )
+        print(f"ours ({precision}): {init.timings}", flush=True)
+        runs[precision] = (
+            {name: (m.lora_A.detach().T.clone(), float(m.damping)) for name, m in init.modules.items()},
+            dict(init.timings), dict(init.backends), init.statistics_bytes / 2**20,
+            sorted({str(w.message) for w in caught}),
+        )
+        del init
+    ours, timings, backends, statistics_mib, messages = runs[args.precision]
 
     with Timer() as reference_time:
         stats = float64_statistics(model, loader, list(ours))
@@ -79,8 +88,11 @@ def main() -> None:
         )
     print(f"reference: {reference_time.seconds:.1f} s", flush=True)
 
-    angles = {name: largest_angle_degrees(bases[name].input_basis, ours[name][0])
-              for name in ours if bases[name].input_basis is not None}
+    def angles_of(answers):
+        return {name: largest_angle_degrees(bases[name].input_basis, answers[name][0])
+                for name in answers if bases[name].input_basis is not None}
+
+    angles = angles_of(ours)
     worst_kind = collections.defaultdict(lambda: (0.0, ""))
     for name, angle in angles.items():
         kind = name.rsplit(".", 1)[-1]
@@ -94,11 +106,14 @@ def main() -> None:
     lines = [
         f"# Accuracy against float64, and cost: {what}",
         "",
-        f"`python bench/accuracy_smollm2.py --samples {args.samples} --length {args.length}`",
+        f"`python bench/accuracy_smollm2.py --samples {args.samples} --length {args.length}"
+        + (f" --precision {args.precision}" if args.precision != "auto" else "")
+        + (f" --also {' '.join(args.also)}" if args.also else "") + "`",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}. "
         f"{len(ours)} modules, {num_tokens} tokens, batch 4, rank {RANK}, N {TRAIN_SIZE}, published hyper-parameters "
-        f"(α {config.alpha:g}, β {config.beta:g}, γ {config.gamma:g}, λ {config.damping:g}); statistics `{backends.get('statistics')}`, "
+        f"(α {config.alpha:g}, β {config.beta:g}, γ {config.gamma:g}, λ {config.damping:g}); "
+        f"statistics_precision `{args.precision}`, statistics `{backends.get('statistics')}`, "
         f"solve `{backends.get('solve')}`, statistics {statistics_mib:.0f} MiB. Reference: Z, y, G in float64 from the "
         f"float32 model's activations, dense float64 eigh of Ω ({reference_time.seconds:.0f} s, untimed).",
         "",
@@ -119,6 +134,17 @@ def main() -> None:
     for key in ("forward_backward", "statistics_accumulate", "factor_prep", "solve", "total"):
         lines.append(f"| ours: {key} | {timings.get(key, float('nan')):.2f} |")
     lines += ["", f"* **ours / floor: {total / floor:.2f}x**; factor prep + solve {timings.get('factor_prep', 0) + timings.get('solve', 0):.2f} s"]
+    if len(runs) > 1:
+        lines += ["", "| statistics_precision | statistics accumulation (s) | total (s) | / floor | worst angle (°) | escalated modules |",
+                  "|---|---|---|---|---|---|"]
+        for precision, (answers, times, _, _, _) in runs.items():
+            run_angles = angles_of(answers)
+            worst = max(run_angles, key=run_angles.get)
+            raised = sum(damping > config.damping for _, damping in answers.values())
+            lines.append(
+                f"| {precision} | {times['statistics_accumulate']:.2f} | {times['total']:.2f} | {times['total'] / floor:.2f}x "
+                f"| {run_angles[worst]:.2e} ({worst}) | {raised} |"
+            )
     if messages:
         lines += ["", "Warnings:"] + [f"* {m[:300]}" for m in messages]
     text = "\n".join(lines) + "\n"

@@ -233,8 +233,11 @@ def _solve_unit(
     first_member: Dict[int, str] = {}
     for name in names:
         first_member.setdefault(stats.modules[name].group_index, name)
-    by_group = batched.prepare_input_factors(
-        {group: stats.input_factor(name) for group, name in first_member.items()}, first_member, settings.damping
+    by_group = batched.prepare_input_factors(  # Z = Σ m a aᵀ / |T|, scaled in the float64 stack
+        {group: stats.groups[group].input_factor_sum for group in first_member},
+        first_member,
+        settings.damping,
+        scale=1.0 / stats.num_tokens,
     )
     members = {group: stats.groups[group].members for group in by_group}
     escalations.extend(damping_escalations(by_group, members, settings.damping, stats.num_tokens))
