@@ -209,3 +209,18 @@ def test_a_budget_cuts_units_into_runs_of_input_groups_with_the_same_answer(llam
     for name, module in unlimited.items():
         assert principal_angle(budgeted[name].lora_A.double().T, module.lora_A.double().T) < 1e-6, name
         torch.testing.assert_close(budgeted[name].eigenvalues, module.eigenvalues, rtol=1e-8, atol=1e-12)
+
+
+def test_a_float32_model_resumes_its_mixed_precision_checkpoint(tmp_path):
+    """Z in float64, G and y in float32 (statistics_precision="auto"): the checkpoint holds
+    both dtypes and a rerun reads it back (it used to require G's dtype to be Z's)."""
+    from lora_da.models import batches, synthetic_samples, tiny_llama
+
+    data = list(batches(synthetic_samples(8), 4))
+    path = str(tmp_path / "stats.safetensors")
+    first = lora_da.initialize(tiny_llama(), data, rank=2, train_size=10, stats_checkpoint=path,
+                               checkpoint_every=1, progress=False)
+    again = lora_da.initialize(tiny_llama(), data, rank=2, train_size=10, stats_checkpoint=path,
+                               checkpoint_every=1, progress=False)
+    for name, module in first.modules.items():
+        torch.testing.assert_close(again.modules[name].lora_A, module.lora_A, rtol=0, atol=0)
