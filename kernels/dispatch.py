@@ -12,7 +12,8 @@ docs/math.md §5.6):
 * ``"float64"``: Z, G and y in float64 (torch backend only; G's products cost
   about twice as much as in float32).
 
-Float64 models accumulate everything in float64 whatever ``precision`` says.
+Float64 models accumulate everything in float64 whatever ``precision`` says;
+MPS devices (no float64) sum in float32 and refuse ``"float64"``.
 The backends:
 
 * ``"torch"``: plain PyTorch (``kfac_stats``), any device and dtype: Z on its
@@ -96,7 +97,11 @@ def _triton_backend() -> StatisticsBackend:
     )
 
 
-def _torch_backend(precision: str) -> StatisticsBackend:
+def _torch_backend(precision: str, device: torch.device) -> StatisticsBackend:
+    if device.type == "mps":  # no float64 on Apple GPUs: float32 sums (docs/math.md §5.6)
+        if precision == "float64":
+            raise ValueError("statistics_precision='float64' is not available on MPS devices (no float64 there)")
+        return dataclasses.replace(TORCH_BACKEND, input_factor_float64=False)
     return dataclasses.replace(
         TORCH_BACKEND, input_factor_float64=precision != "float32", gradient_float64=precision == "float64"
     )
@@ -113,11 +118,11 @@ def select_backend(
         raise ValueError(f"statistics_precision must be one of {STATISTICS_PRECISIONS}, got {precision!r}")
     device = torch.device(device)
     if requested == "torch":
-        return _torch_backend(precision)
+        return _torch_backend(precision, device)
     if requested == "auto":
         if device.type == "cuda" and dtype != torch.float64 and precision != "float64" and triton_available():
             return _triton_backend()
-        return _torch_backend(precision)
+        return _torch_backend(precision, device)
     if precision == "float64":
         raise ValueError("stats_backend='triton' accumulates in float32; statistics_precision='float64' needs stats_backend='torch' or 'auto'")
     # explicit "triton"

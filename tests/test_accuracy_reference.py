@@ -109,6 +109,10 @@ def test_torch_backend_precisions():
         assert high.input_factor_dtype(activations) == high.gradient_dtype(activations) == torch.float64
     with pytest.raises(ValueError, match="statistics_precision"):
         select_backend(cpu, "torch", torch.float32, "float16")
+    mps = select_backend(torch.device("mps"), "torch", torch.float32)  # selecting allocates nothing on the device
+    assert mps.input_factor_dtype(torch.float32) == torch.float32
+    with pytest.raises(ValueError, match="MPS"):
+        select_backend(torch.device("mps"), "auto", torch.float32, "float64")
     with pytest.raises(ValueError, match="statistics_precision"):
         lora_da.LoraDAConfig(statistics_precision="half")
 
