@@ -38,7 +38,10 @@ def accumulate_input_factor(
     input_factor_sum.addmm_(weighted.T, a)
 
 
-PANEL_WIDTH = 128  # measured on 2 x86 cores: 128-192 is best for d_in in 576..1536
+PANEL_WIDTH = 128  # float32, measured on 2 x86 cores: 128-192 is best for d_in in 576..1536
+# float64 (the default Z accumulator, docs/math.md §5.6): wider panels, fewer and larger
+# GEMMs; on the same (busy) 2 cores 384 beat 128 by 1.2-2x at d_in 576 and 1536 in two runs
+PANEL_WIDTH_FLOAT64 = 384
 
 
 def accumulate_input_factor_lower(
@@ -47,15 +50,16 @@ def accumulate_input_factor_lower(
     """``input_factor_sum += inputsᵀ diag(token_weights) inputs`` on the lower triangle
     (the diagonal blocks are full; entries strictly above them are left stale).
 
-    Column panel ``[s, s+w)`` of rows ``s..d``: ``Z[s:, s:s+w] += (m·a[:, s:])ᵀ a[:, s:s+w]``,
+    Column panel ``[s, s+w)`` of rows ``s..d`` (``w``: ``PANEL_WIDTH``, ``PANEL_WIDTH_FLOAT64`` for float64 sums): ``Z[s:, s:s+w] += (m·a[:, s:])ᵀ a[:, s:s+w]``,
     an ``addmm`` into a strided view (no copy). Call :func:`mirror_lower_triangle`
     once after the last accumulation.
     """
     a = inputs.to(input_factor_sum.dtype)
     weighted = a if token_weights is None else a * token_weights.to(a.dtype).unsqueeze(1)
     d_in = a.shape[1]
-    for start in range(0, d_in, PANEL_WIDTH):
-        end = min(start + PANEL_WIDTH, d_in)
+    width = PANEL_WIDTH_FLOAT64 if a.dtype == torch.float64 else PANEL_WIDTH
+    for start in range(0, d_in, width):
+        end = min(start + width, d_in)
         input_factor_sum[start:, start:end].addmm_(weighted[:, start:].T, a[:, start:end])
 
 

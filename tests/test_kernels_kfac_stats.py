@@ -289,6 +289,7 @@ PANEL_SHAPES = [(77, 45), (130, 128), (200, 129), (64, 300), (3, 257)]
 # (accumulator dtype, input dtype, shape): 16-bit inputs are upcast to the fp32 accumulator
 # (exactly), the same code path from there on: one shape across a panel boundary suffices.
 PANEL_CASES = [(dtype, dtype, shape) for dtype in (torch.float32, torch.float64) for shape in PANEL_SHAPES] + [
+    (torch.float64, torch.float64, (20, 400)),  # across the float64 panel boundary (PANEL_WIDTH_FLOAT64 = 384)
     (torch.float32, torch.bfloat16, (200, 129)),
     (torch.float32, torch.float16, (200, 129)),
 ]
@@ -309,8 +310,9 @@ def test_lower_panels_then_mirror_match_float64(dtype, input_dtype, shape, kind)
     kfac_stats.accumulate_input_factor_lower(z, a.to(input_dtype), weights)
     kfac_stats.accumulate_input_factor_lower(z, a.to(input_dtype), weights)  # two batches
     # blocks above the diagonal panels are not touched before the mirror
-    for begin in range(0, d_in, kfac_stats.PANEL_WIDTH):
-        end = min(begin + kfac_stats.PANEL_WIDTH, d_in)
+    width = kfac_stats.PANEL_WIDTH_FLOAT64 if dtype == torch.float64 else kfac_stats.PANEL_WIDTH
+    for begin in range(0, d_in, width):
+        end = min(begin + width, d_in)
         assert torch.equal(z[begin:end, end:], start.to(dtype)[begin:end, end:])
     kfac_stats.mirror_lower_triangle(z)
     assert torch.equal(z, z.T), "the mirror must leave Z exactly symmetric"

@@ -89,6 +89,12 @@ def _sixteen_tokens():
     return list(batches(synthetic_samples(2, min_len=8, max_len=8, seed=3), 2))
 
 
+# Z accumulates in float64: with 16 tokens its null space shows eigenvalues of ~±1e-16·λ_max,
+# which a damping of 1e-12 covers (Z + 1e-12·I is positive definite in exact arithmetic and in
+# float64). 1e-20 is below that rounding: the factorization fails and the damping escalates.
+TINY_DAMPING = 1e-20
+
+
 def _runtime_warnings(call):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -102,10 +108,10 @@ def test_damping_escalations_give_one_warning_at_the_callers_line(solver):
     from lora_da.user_warnings import DampingWarning
 
     init, caught = _runtime_warnings(lambda: lora_da.initialize(
-        tiny_llama(), _sixteen_tokens(), rank=2, train_size=10, damping=1e-12, solver=solver, progress=False
+        tiny_llama(), _sixteen_tokens(), rank=2, train_size=10, damping=TINY_DAMPING, solver=solver, progress=False
     ))
     assert init.num_tokens == 16
-    raised = {name: m.damping / 1e-12 for name, m in init.modules.items() if m.damping > 1e-12}
+    raised = {name: m.damping / TINY_DAMPING for name, m in init.modules.items() if m.damping > TINY_DAMPING}
     assert len(raised) > 1  # several modules escalated ...
     assert len(caught) == 1  # ... one warning
     warning = caught[0]
@@ -113,7 +119,7 @@ def test_damping_escalations_give_one_warning_at_the_callers_line(solver):
     message = str(warning.message)
     worst = max(raised, key=raised.get)
     assert message.startswith(f"{len(raised)} modules (")
-    assert "needed more damping than damping=1e-12" in message
+    assert f"needed more damping than damping={TINY_DAMPING:g}" in message
     assert f"up to {raised[worst]:.3g}x (damping {init.modules[worst].damping:g}) for '{worst}'" in message
     assert "fewer tokens than d_in" in message and "16 calibration tokens < d_in 32..64" in message
     assert "more calibration tokens or a larger damping=" in message
@@ -125,12 +131,12 @@ def test_several_passes_give_one_damping_warning_per_initialize_call():
     from lora_da.models import tiny_llama
 
     def call():
-        return lora_da.initialize(tiny_llama(), _sixteen_tokens(), rank=2, train_size=10, damping=1e-12,
+        return lora_da.initialize(tiny_llama(), _sixteen_tokens(), rank=2, train_size=10, damping=TINY_DAMPING,
                                   max_memory=60_000, progress=False)
 
     init, caught = _runtime_warnings(call)
     assert init.passes > 1
-    raised = [name for name, m in init.modules.items() if m.damping > 1e-12]
+    raised = [name for name, m in init.modules.items() if m.damping > TINY_DAMPING]
     assert len(caught) == 1 and caught[0].filename == __file__
     assert str(caught[0].message).startswith(f"{len(raised)} modules (")
 
@@ -141,3 +147,80 @@ def test_no_escalation_no_warning(mlp_setup):
         model, loader, 2, target_modules=["fc1a", "fc2"], loss_fn=regression_loss, train_size=10, progress=False
     ))
     assert caught == [] and all(m.damping == 1e-6 for m in init.modules.values())
+
+
+# -- the solve's working set: one unit of input groups at a time -------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_statistics():
+    from lora_da.models import batches, synthetic_samples, tiny_llama
+    from lora_da.targets import find_target_modules
+
+    model = tiny_llama(hidden_size=32, intermediate_size=64, num_layers=3)
+    data = list(batches(synthetic_samples(16, min_len=12, max_len=16), 4))
+    return lora_da.collect_statistics(model, data, find_target_modules(model, None, 2))
+
+
+def _context(stats, budget):
+    from lora_da.methods.base import NoOptions, SolveContext
+
+    return SolveContext(
+        settings=lora_da.LoraDAConfig(rank=2, progress=False), options=NoOptions(), targets={},
+        names=list(stats.modules), statistics=stats, train_size=100, timings={}, solve_memory_budget=budget,
+    )
+
+
+def test_solve_units_keep_input_groups_and_solver_batches_whole(llama_statistics):
+    from lora_da.methods.lora_da import solve_units
+    from lora_da.methods.lora_da_batched import solve_batches
+
+    stats = llama_statistics
+    context = _context(stats, None)
+    units = solve_units(context)
+    assert sorted(n for unit in units for n in unit) == sorted(context.names)
+    unit_of = {name: index for index, unit in enumerate(units) for name in unit}
+    for group in stats.groups:
+        assert len({unit_of[m] for m in group.members}) == 1, group.members
+    for batch in solve_batches({n: tuple(stats.modules[n].grad_sum.shape) for n in context.names}):
+        assert len({unit_of[n] for n in batch}) == 1, batch
+    # the Llama's kinds joined by shared inputs: q/k/v, o, gate/up, down
+    assert len(units) == 4
+
+
+@pytest.mark.parametrize("tight", [True, False])
+def test_a_budget_cuts_units_into_runs_of_input_groups_with_the_same_answer(llama_statistics, tight):
+    from lora_da.methods import lora_da as method
+
+    stats = llama_statistics
+    unlimited = method.solve(_context(stats, None)).modules
+    everything = _context(stats, None)
+    sizes = sorted(method.working_set_bytes(everything, [g]) for g in range(len(stats.groups)))
+    budget = 1 if tight else sizes[-1] + sizes[-2]  # tight: one group per unit; else: any two groups fit
+    context = _context(stats, budget)
+    units = method.solve_units(context)
+    groups_of = [sorted({stats.modules[n].group_index for n in unit}) for unit in units]
+    if tight:
+        assert all(len(groups) == 1 for groups in groups_of) and len(units) == len(stats.groups)
+    else:
+        assert 4 < len(units) < len(stats.groups) and max(len(groups) for groups in groups_of) >= 2
+        assert all(len(groups) == 1 or method.working_set_bytes(context, groups) <= budget for groups in groups_of)
+    budgeted = method.solve(context).modules
+    for name, module in unlimited.items():
+        assert principal_angle(budgeted[name].lora_A.double().T, module.lora_A.double().T) < 1e-6, name
+        torch.testing.assert_close(budgeted[name].eigenvalues, module.eigenvalues, rtol=1e-8, atol=1e-12)
+
+
+def test_a_float32_model_resumes_its_mixed_precision_checkpoint(tmp_path):
+    """Z in float64, G and y in float32 (statistics_precision="auto"): the checkpoint holds
+    both dtypes and a rerun reads it back (it used to require G's dtype to be Z's)."""
+    from lora_da.models import batches, synthetic_samples, tiny_llama
+
+    data = list(batches(synthetic_samples(8), 4))
+    path = str(tmp_path / "stats.safetensors")
+    first = lora_da.initialize(tiny_llama(), data, rank=2, train_size=10, stats_checkpoint=path,
+                               checkpoint_every=1, progress=False)
+    again = lora_da.initialize(tiny_llama(), data, rank=2, train_size=10, stats_checkpoint=path,
+                               checkpoint_every=1, progress=False)
+    for name, module in first.modules.items():
+        torch.testing.assert_close(again.modules[name].lora_A, module.lora_A, rtol=0, atol=0)

@@ -30,6 +30,7 @@ def initialize(
     seed: int = 0,
     progress: bool = True,
     stats_backend: str = "auto",
+    statistics_precision: str = "auto",
     gather_to: Optional[int] = None,
     stats_checkpoint: Optional[str] = None,
     checkpoint_every: int = 50,
@@ -60,6 +61,8 @@ def initialize(
             in one call) or ``"eigh"`` (dense float64 ``torch.linalg.eigh``, the oracle).
         stats_backend: ``"auto"`` (Triton kernels on CUDA, PyTorch elsewhere),
             ``"torch"`` or ``"triton"``; ``result.backends["statistics"]`` says which ran.
+        statistics_precision: ``"auto"`` (PyTorch backend: Z in float64, G and y in
+            float32), ``"float32"`` or ``"float64"`` (see :class:`LoraDAConfig`, docs/math.md §5.6).
         gather_to: under ``torch.distributed``, the rank that receives every
             module's factors (``None``: all ranks do; other ranks then return
             only the modules they solved).
@@ -102,6 +105,7 @@ def initialize(
         progress=progress,
         loss_fn=loss_fn,
         stats_backend=stats_backend,
+        statistics_precision=statistics_precision,
         gather_to=gather_to,
         stats_checkpoint=stats_checkpoint,
         checkpoint_every=checkpoint_every,

@@ -31,7 +31,7 @@ this run's; counts are non-negative ints with ``skipped_batches <=
 num_batches``, and groups/modules are present exactly when a batch was
 processed; every target module appears once, in one input group whose members
 share its input dim; tensors are exactly the expected ones, float32/float64,
-shaped by the fingerprint's dims, the same dtype as their group's ``Z``, and
+shaped by the fingerprint's dims, a module's ``G`` and ``y`` of one dtype, and
 finite. Everything is loaded on the CPU and then moved to the model's device.
 Refusals are one-line ``ValueError`` naming the file and what is wrong.
 
@@ -288,10 +288,11 @@ class StatisticsCheckpoint:
         if not header["forward_only"]:
             for j, module in enumerate(modules):
                 d_in, d_out = dims[module["name"]]
-                dtype = dtypes[module["group"]]
+                # G and y share one dtype; Z may be wider (float64 Z with float32 G and y: docs/math.md §5.6)
+                dtype = self._tensor_dtype(f, keys, f"y.{j}", [d_out])
                 for key, shape in ((f"G.{j}", [d_out, d_in]), (f"y.{j}", [d_out])):
                     if self._tensor_dtype(f, keys, key, shape) != dtype:
-                        raise self._refuse(f"has tensor '{key}' of another dtype than its group's Z ({dtype})")
+                        raise self._refuse(f"has tensor '{key}' of another dtype than its module's y ({dtype})")
                     layout.append((key, shape, dtype))
         unexpected = keys - {key for key, _, _ in layout}
         if unexpected:

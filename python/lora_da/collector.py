@@ -35,9 +35,12 @@ from .layers import linear_dims
 from .statistics import InputGroup, KFACStatistics, ModuleStatistics
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 models accumulate in fp64; everything else in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _accumulator_dtype(dtype: torch.dtype, backend: StatisticsBackend, statistic: str) -> torch.dtype:
+    """The accumulator dtype of ``statistic`` (``"input_factor"``: Z; ``"gradient"``: G
+    and y) for activations of ``dtype``: the backend's precision (docs/math.md §5.6)."""
+    if statistic == "input_factor":
+        return backend.input_factor_dtype(dtype)
+    return backend.gradient_dtype(dtype)
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
@@ -312,7 +315,7 @@ class Collector:
             flat = inputs.detach().reshape(-1, d_in)
             if group_index is None:  # first batch: a new group starts with this module
                 group_index = len(self.stats.groups)
-                dtype = _accumulator_dtype(inputs.dtype)
+                dtype = _accumulator_dtype(inputs.dtype, self.backend, "input_factor")
                 self.stats.groups.append(
                     InputGroup(
                         members=(),
@@ -331,7 +334,7 @@ class Collector:
             self.group_of[name] = live.group_index
             group = self.stats.groups[live.group_index]
             group.members = group.members + (name,)
-            dtype = group.input_factor_sum.dtype
+            dtype = _accumulator_dtype(inputs.dtype, self.backend, "gradient")
             with_gradients = not self.forward_only
             self.stats.modules[name] = ModuleStatistics(
                 name=name,

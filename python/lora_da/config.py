@@ -53,6 +53,16 @@ class LoraDAConfig:
             random ``lora_A``): an int in ``[0, 2**64 - 1]``.
         stats_backend: who accumulates the statistics: ``"auto"`` (Triton kernels
             on CUDA, the PyTorch reference elsewhere), ``"torch"`` or ``"triton"``.
+        statistics_precision: the accumulators' precision (docs/math.md §5.6):
+            ``"auto"`` (default: the PyTorch backend sums Z in float64 and G, y
+            in float32, which keeps ill-conditioned inputs exact; the Triton
+            kernels sum everything in float32), ``"float32"`` (everything in
+            float32: Z costs half as much, but an input with cond(Z) ≳ 1e7 loses
+            Z's small eigenvalues, the damping escalates and A₀ can turn by tens
+            of degrees) or ``"float64"`` (everything in float64, PyTorch backend
+            only: G's products cost about twice as much; for inputs so
+            ill-conditioned that G's float32 rounding, divided by Z's smallest
+            eigenvalues, shows).
         solver: eigensolver for Ω's r smallest eigenpairs: ``"auto"`` (the
             compiled batched LOBPCG on the operator form of Ω, all same-shape
             modules in one call) or ``"eigh"`` (dense ``torch.linalg.eigh`` in
@@ -100,6 +110,7 @@ class LoraDAConfig:
     checkpoint_every: int = 50
     max_memory: Union[None, int, float] = None
     stats_backend: str = "auto"
+    statistics_precision: str = "auto"
     solver: str = "auto"
     loss_fn: Optional[Callable] = field(default=None, compare=False)
     method: str = "lora-da"
@@ -143,6 +154,12 @@ class LoraDAConfig:
             raise ValueError(f"token_mask must be a string, None or a callable, got {self.token_mask!r}")
         if self.stats_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"stats_backend must be 'auto', 'torch' or 'triton', got {self.stats_backend!r}")
+        if self.statistics_precision not in ("auto", "float32", "float64"):
+            raise ValueError(
+                f"statistics_precision must be 'auto', 'float32' or 'float64', got {self.statistics_precision!r}"
+            )
+        if self.statistics_precision == "float64" and self.stats_backend == "triton":
+            raise ValueError("statistics_precision='float64' needs stats_backend='torch' or 'auto' (the Triton kernels sum in float32)")
         if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be an int in [0, 2**64 - 1], got {self.seed!r}")
         if self.gather_to is not None and (not _is_int(self.gather_to) or self.gather_to < 0):

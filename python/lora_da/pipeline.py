@@ -97,6 +97,7 @@ def statistics_pass(
             max_batches=config.max_batches,
             progress=config.progress,
             stats_backend=config.stats_backend,
+            statistics_precision=config.statistics_precision,
             check_totals=not run_distributed,
             stats_checkpoint=path,
             checkpoint_every=config.checkpoint_every,

@@ -42,6 +42,7 @@ def collect_statistics(
     progress: bool = False,
     check_totals: bool = True,
     stats_backend: str = "auto",
+    statistics_precision: str = "auto",
     stats_checkpoint: Optional[str] = None,
     checkpoint_every: int = 50,
     forward_only: bool = False,
@@ -56,6 +57,7 @@ def collect_statistics(
     whose share of a distributed loader may be empty).
     ``stats_backend``: ``"auto"``, ``"torch"`` or ``"triton"`` (see
     :func:`lora_da.kernels.dispatch.select_backend`); ``stats.backend`` says which ran.
+    ``statistics_precision``: the accumulators' dtypes (``"auto"``, ``"float32"``, ``"float64"``; same place).
     ``stats_checkpoint``/``checkpoint_every``: save the sums atomically every K
     batches and resume from them (see :mod:`lora_da.checkpoint`).
     NaN/Inf entering the sums, or a non-finite loss, is reported after the batch that
@@ -74,7 +76,7 @@ def collect_statistics(
     """
     loss_fn = loss_fn or causal_lm_per_sample_loss
     device = model_device(model)
-    backend = select_backend(device, stats_backend, model_dtype(model))
+    backend = select_backend(device, stats_backend, model_dtype(model), statistics_precision)
     collector = Collector(modules, backend, forward_only=forward_only, device=device)
     stats = collector.stats
     stats.backend = backend.name

@@ -21,7 +21,8 @@ The files: this one (the solves and the registry entry),
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple
+import dataclasses
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -33,6 +34,7 @@ from ..user_warnings import warn_user
 from . import lora_da_batched as batched
 from .base import FULL_STATISTICS, Method, NoOptions, PhaseClock, Settings, Solution, SolveContext, register
 from .lora_da_reference import (
+    DampingEscalation,
     InputFactor,
     PreparedModule,
     damping_escalations,
@@ -133,22 +135,119 @@ def _preconditioners(
     return factors, shifts
 
 
-def solve_batched(context: SolveContext) -> Solution:
-    """The fast path: batched float64 preparation, then one preconditioned LOBPCG call
-    per batch of :func:`lora_da_batched.solve_batches`; failed answers solved again densely."""
-    stats, settings = context.statistics, context.settings
-    clock = PhaseClock(context.timings)
-    first_member = _first_members(context)
-    by_group = batched.prepare_input_factors(
-        {group: stats.input_factor(name) for group, name in first_member.items()}, first_member, settings.damping
-    )
-    factors = {name: by_group[stats.modules[name].group_index] for name in context.names}
+def working_set_bytes(context: SolveContext, groups: Sequence[int]) -> int:
+    """An upper bound of the float64 bytes :func:`solve_batched` holds at once for the
+    input ``groups`` and their members: per group Z, its Cholesky factor and the
+    preconditioner's (3 d_in² float64), per member ``Gᵀ`` and Δ̂ (float64) and Δ̂'s
+    float32 copy for the subspace iteration."""
+    stats = context.statistics
+    wanted = set(context.names)
+    total = 0
+    for group in groups:
+        d_in = stats.groups[group].input_factor_sum.shape[-1]
+        total += 3 * d_in * d_in * 8
+        for name in stats.groups[group].members:
+            if name in wanted:
+                total += stats.modules[name].grad_sum.numel() * (8 + 8 + 4)
+    return total
+
+
+def solve_units(context: SolveContext) -> List[List[str]]:
+    """``context.names`` split into units that :func:`solve_batched` prepares and solves
+    one after the other, each freed before the next: modules joined by a solver batch
+    (same shape and kind) or by a shared input group stay together (one Cholesky of Z
+    per group, one LOBPCG call per batch); a unit whose working set
+    (:func:`working_set_bytes`) exceeds ``context.solve_memory_budget`` is cut into
+    runs of consecutive input groups that fit (at least one group each)."""
+    stats = context.statistics
+    group_of = {name: stats.modules[name].group_index for name in context.names}
+    component: Dict[int, int] = {}  # input group -> unit id (union of batches sharing groups)
     batches = batched.solve_batches({name: tuple(stats.modules[name].grad_sum.shape) for name in context.names})
+    for index, batch in enumerate(batches):
+        joined = {component[group_of[n]] for n in batch if group_of[n] in component} | {index}
+        target = min(joined)
+        for group, unit in list(component.items()):
+            if unit in joined:
+                component[group] = target
+        for name in batch:
+            component[group_of[name]] = target
+    units: Dict[int, List[int]] = {}
+    for name in context.names:  # groups in model order within each unit
+        groups = units.setdefault(component[group_of[name]], [])
+        if group_of[name] not in groups:
+            groups.append(group_of[name])
+    budget = context.solve_memory_budget
+    chunks: List[List[int]] = []
+    for groups in units.values():
+        if budget is None:
+            chunks.append(groups)
+            continue
+        current: List[int] = []
+        for group in groups:
+            if current and working_set_bytes(context, current + [group]) > budget:
+                chunks.append(current)
+                current = []
+            current.append(group)
+        chunks.append(current)
+    return [[name for name in context.names if group_of[name] in set(chunk)] for chunk in chunks]
+
+
+def solve_batched(context: SolveContext) -> Solution:
+    """The fast path, one unit of :func:`solve_units` at a time (its float64 copies freed
+    before the next): batched float64 preparation, then one preconditioned LOBPCG call
+    per batch of :func:`lora_da_batched.solve_batches`; failed answers solved again densely."""
+    clock = PhaseClock(context.timings)
+    bar = tqdm(total=len(context.names), desc="lora-da solves", unit="module", disable=not context.settings.progress, leave=False)
+    result: Dict[str, ModuleInit] = {}
+    backends: set = set()
+    redone: List[str] = []
+    escalations: List[DampingEscalation] = []
+    for names in solve_units(context):
+        _solve_unit(context, names, clock, bar, result, backends, redone, escalations)
+    bar.close()
+    backend = ", ".join(sorted(backends))
+    if redone:
+        warn_user(
+            f"LOBPCG's eigenpairs failed the residual/orthonormality check for {redone}; "
+            f"they were solved again with {EIGH_BACKEND}",
+            RuntimeWarning,
+        )
+        backend += f" + {EIGH_BACKEND} for {len(redone)} modules"
+    report_damping_escalations(escalations)
+    return Solution({name: result[name] for name in context.names}, backend)
+
+
+def _solve_unit(
+    context: SolveContext,
+    names: List[str],
+    clock: PhaseClock,
+    bar,
+    result: Dict[str, ModuleInit],
+    backends: set,
+    redone: List[str],
+    escalations: List["DampingEscalation"],
+) -> None:
+    """Prepare and solve the modules ``names`` (whole input groups), adding to the
+    caller's ``result``, ``backends``, ``redone`` and ``escalations``."""
+    stats, settings = context.statistics, context.settings
+    first_member: Dict[int, str] = {}
+    for name in names:
+        first_member.setdefault(stats.modules[name].group_index, name)
+    by_group = batched.prepare_input_factors(  # Z = Σ m a aᵀ / |T|, scaled in the float64 stack
+        {group: stats.groups[group].input_factor_sum for group in first_member},
+        first_member,
+        settings.damping,
+        scale=1.0 / stats.num_tokens,
+    )
+    members = {group: stats.groups[group].members for group in by_group}
+    escalations.extend(damping_escalations(by_group, members, settings.damping, stats.num_tokens))
+    factors = {name: by_group[stats.modules[name].group_index] for name in names}
+    batches = batched.solve_batches({name: tuple(stats.modules[name].grad_sum.shape) for name in names})
     start_blocks: Dict[str, torch.Tensor] = {}  # LOBPCG starts near Δ̂'s top left singular subspace
     prepared = batched.prepare_modules(
         batches,
-        {name: stats.modules[name].grad_sum for name in context.names},
-        {name: stats.output_factor_diag(name) for name in context.names},
+        {name: stats.modules[name].grad_sum for name in names},
+        {name: stats.output_factor_diag(name) for name in names},
         factors,
         damping=settings.damping,
         train_size=context.train_size,
@@ -156,10 +255,16 @@ def solve_batched(context: SolveContext) -> Solution:
         seed=settings.seed,
         start_blocks=start_blocks,
     )
-    preconditioners, shifts = _preconditioners(context, prepared, by_group)
-    finish, bar = _finisher(context, prepared, factors)
-    result: Dict[str, ModuleInit] = {}
-    backends, redone = set(), []
+    unit_context = dataclasses.replace(context, names=names)
+    preconditioners, shifts = _preconditioners(unit_context, prepared, by_group)
+
+    def finish(name: str, eigenvalues: torch.Tensor, vectors: torch.Tensor) -> ModuleInit:
+        bar.update(1)
+        return finish_module(
+            name, prepared[name], eigenvalues, vectors,
+            gamma=settings.gamma, damping=factors[name].damping, input_group=context.input_group(name),
+        )
+
     for batch in batches:
         # the batch's Δ̂, Cholesky factors and preconditioners are equally spaced in the
         # batched tensors made above: strided views, not fresh copies (stack_views)
@@ -187,18 +292,8 @@ def solve_batched(context: SolveContext) -> Solution:
                 result[name] = finish(name, eigenvalues, vectors)
             else:
                 result[name] = finish(name, solution.eigenvalues[index], solution.eigenvectors[index])
+        del operator, solution
         clock.lap("solve")
-    bar.close()
-    backend = ", ".join(sorted(backends))
-    if redone:
-        warn_user(
-            f"LOBPCG's eigenpairs failed the residual/orthonormality check for {redone}; "
-            f"they were solved again with {EIGH_BACKEND}",
-            RuntimeWarning,
-        )
-        backend += f" + {EIGH_BACKEND} for {len(redone)} modules"
-    _report_escalations(context, by_group)
-    return Solution({name: result[name] for name in context.names}, backend)
 
 
 def solve(context: SolveContext) -> Solution:

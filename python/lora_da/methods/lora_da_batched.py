@@ -74,9 +74,11 @@ def stack_views(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def prepare_input_factors(
-    raw: Dict[int, torch.Tensor], names: Dict[int, str], damping: float
+    raw: Dict[int, torch.Tensor], names: Dict[int, str], damping: float, scale: float = 1.0
 ) -> Dict[int, InputFactor]:
-    """``{group: InputFactor}`` from ``{group: Z_raw}`` (``names``: a member per group, for messages).
+    """``{group: InputFactor}`` from ``{group: Z_raw}``, where ``Z_raw = scale · raw[group]``
+    (``raw`` may be the unnormalized sums: scaled in the float64 stack, no extra copy;
+    ``names``: a member per group, for messages).
 
     Groups of equal ``d_in`` are damped and factored in one batched
     float64 Cholesky; the ones that fail are redone one by one with the
@@ -91,6 +93,8 @@ def prepare_input_factors(
         # No symmetrization pass (two full temporaries): the statistics backends return Z
         # exactly symmetric (mirrored triangles), and the factorization reads one triangle.
         z = _stack_float64([raw[g] for g in groups])
+        if scale != 1.0:
+            z.mul_(scale)
         z.diagonal(dim1=-2, dim2=-1).add_(damping)
         # LAPACK's factors come out column-major: the upper factor U = Lᵀ in that layout is
         # L in row-major layout, so every L below is a contiguous view (what the solver reads)
@@ -103,7 +107,7 @@ def prepare_input_factors(
             if bool(good[index]):
                 factors[group] = InputFactor(matrix=z[index], cholesky=cholesky[index], damping=damping)
             else:
-                factors[group] = prepare_input_factor(raw[group], damping, names[group])
+                factors[group] = prepare_input_factor(raw[group].to(torch.float64) * scale, damping, names[group])
     return factors
 
 
