@@ -1,10 +1,24 @@
-"""The memory budget (lora_da/memory.py): pass planning and the budget's units and errors
+"""The memory budget (lora_da/memory.py): pass planning, the budget's units and errors and
+the solve's share of it; ``init.memory`` (lora_da/memory_peaks.py) and where it is printed
 (the passes end to end, multi-pass = one pass: test_pipeline.py)."""
 
+import json
+import re
+
 import pytest
+import torch
 
 import lora_da
-from lora_da.memory import module_statistics_bytes, plan_passes
+import lora_da.losses
+from lora_da import pipeline
+from lora_da.memory import (
+    module_solve_bytes,
+    module_statistics_bytes,
+    plan_passes,
+    solve_budget,
+    solve_reserve,
+    statistics_share,
+)
 from lora_da.naming import layer_prefix as layer_of
 from lora_da.models import batches, synthetic_samples, tiny_llama
 from lora_da.targets import find_target_modules
@@ -44,3 +58,117 @@ def test_fraction_of_free_memory_and_bad_budgets():
     for bad in (0, -5, 0.0, 1.5, "1GB", True):
         with pytest.raises(ValueError, match="max_memory"):
             lora_da.initialize(model, loader, rank=2, progress=False, max_memory=bad)
+
+
+# -- max_memory bounds the statistics and the solve's share -----------------------------
+
+
+def test_statistics_share_keeps_the_solve_reserve_back():
+    modules = find_target_modules(tiny_llama(), None, 2)
+    reserve = solve_reserve(modules)
+    largest = max(modules, key=lambda n: module_solve_bytes(modules[n]))
+    d_in, d_out = modules[largest].in_features, modules[largest].out_features
+    assert reserve == 8 * (3 * d_in * d_in + 2 * d_out * d_in)  # float64: Z, two Cholesky factors, Δ̂, Gᵀ
+    assert statistics_share(reserve + 1000, modules) == 1000
+    with pytest.raises(MemoryError, match=rf"solve of module '{re.escape(largest)}' needs .*; raise max_memory"):
+        statistics_share(reserve, modules)
+    # given: everything the statistics leave; default: at most the statistics' own bytes (or the reserve)
+    assert solve_budget(10_000, 3_000, 500, given=True) == 7_000
+    assert solve_budget(10_000, 3_000, 500, given=False) == 3_000
+    assert solve_budget(10_000, 100, 500, given=False) == 500
+    assert solve_budget(1_000, 900, 500, given=True) == 500  # never below the reserve the plan kept
+
+
+def _solve_budgets(monkeypatch, **kwargs):
+    """``(statistics bytes, solve_memory_budget)`` of every pass of one initialize call."""
+    seen = []
+    real = pipeline.solve_pass
+
+    def spy(method, context, model, config):
+        seen.append((context.statistics.nbytes(), context.solve_memory_budget))
+        return real(method, context, model, config)
+
+    monkeypatch.setattr(pipeline, "solve_pass", spy)
+    init = lora_da.initialize(tiny_llama(num_layers=3), list(batches(synthetic_samples(6), 3)), rank=2,
+                              progress=False, **kwargs)
+    return init, seen
+
+
+def test_max_memory_bounds_statistics_plus_the_solve_budget(monkeypatch):
+    targets = find_target_modules(tiny_llama(num_layers=3), None, 2)
+    budget = solve_reserve(targets) + 60_000  # a layer's statistics do not fit: several passes
+    init, seen = _solve_budgets(monkeypatch, max_memory=budget)
+    assert init.passes == len(seen) > 1
+    for statistics, solve in seen:
+        assert solve == budget - statistics >= solve_reserve(targets)
+    _, [(statistics, solve)] = _solve_budgets(monkeypatch)  # default: half the free memory
+    assert solve == max(statistics, solve_reserve(targets))
+
+
+# -- init.memory: the peak of each phase -------------------------------------------------
+
+
+def _check_memory(memory):
+    assert memory.measure == "rss"
+    phases = (memory.statistics_pass, memory.factor_prep, memory.solve)
+    assert memory.start > 0 and memory.total >= max(memory.start, *phases)
+    assert memory.as_dict() == {"measure": "rss", "start": memory.start, "statistics_pass": phases[0],
+                                "factor_prep": phases[1], "solve": phases[2], "total": memory.total}
+    return phases
+
+
+def test_init_memory_reports_each_phase():
+    init = lora_da.initialize(tiny_llama(), list(batches(synthetic_samples(6), 3)), rank=2, progress=False)
+    assert all(value > 0 for value in _check_memory(init.memory))
+    assert init.report()["memory_bytes"] == init.memory.as_dict()
+    line = init.summary().splitlines()[-1]
+    assert line.startswith("memory (peak rss): start ") and "statistics_pass" in line and "total" in line
+    no_data = lora_da.initialize(tiny_llama(), None, rank=2, method="lora", progress=False)
+    statistics_pass, _, solve = _check_memory(no_data.memory)
+    assert statistics_pass == 0 and solve > 0  # no statistics pass ran
+
+
+HELD_MIB = 96
+
+
+def test_init_memory_sees_what_each_phase_holds(monkeypatch):
+    """Planted allocations: 96 MiB held through the statistics pass (by the loss), then
+    2 x 96 MiB during the solve: each phase's peak must show them, over the call's start."""
+    held = []
+
+    def loss_holding_memory(model, batch):
+        if not held:
+            held.append(torch.ones(HELD_MIB * 2**20 // 4))  # touched: resident
+        return lora_da.losses.causal_lm_per_sample_loss(model, batch)
+
+    real = pipeline.solve_pass
+
+    def solve_holding_memory(method, context, model, config):
+        held.clear()
+        block = torch.ones(2 * HELD_MIB * 2**20 // 4)
+        result = real(method, context, model, config)
+        del block
+        return result
+
+    monkeypatch.setattr(pipeline, "solve_pass", solve_holding_memory)
+    init = lora_da.initialize(tiny_llama(), list(batches(synthetic_samples(6), 3)), rank=2, progress=False,
+                              loss_fn=loss_holding_memory)
+    memory = init.memory
+    _check_memory(memory)
+    assert memory.statistics_pass - memory.start >= 0.9 * HELD_MIB * 2**20
+    assert memory.solve - memory.start >= 1.8 * HELD_MIB * 2**20
+    assert memory.solve - memory.statistics_pass >= 0.8 * HELD_MIB * 2**20
+
+
+def test_cli_init_and_bench_print_the_memory(model_dir, data_file, tmp_path, capsys):
+    from cli_helpers import RANK, init_args
+    from lora_da import cli
+
+    assert cli.main(init_args(model_dir, data_file, tmp_path / "adapter")) == 0
+    assert "memory (peak rss): start " in capsys.readouterr().out
+    report = json.loads((tmp_path / "adapter" / "lora_da_report.json").read_text())
+    assert set(report["memory_bytes"]) == {"measure", "start", "statistics_pass", "factor_prep", "solve", "total"}
+    assert cli.main(["bench", "--model", model_dir, "--data", data_file, "--rank", str(RANK), "--samples", "8",
+                     "--quiet", "--json", str(tmp_path / "bench.json")]) == 0
+    assert "memory (peak rss): start " in capsys.readouterr().out
+    assert json.loads((tmp_path / "bench.json").read_text())["memory_bytes"]["total"] > 0

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lora_da
-from lora_da.memory import module_statistics_bytes
+from lora_da.memory import module_statistics_bytes, solve_reserve
 from lora_da.models import batches, synthetic_samples, tiny_llama
 from lora_da.naming import layer_prefix as layer_of
 from lora_da.pipeline import PHASES
@@ -297,18 +297,16 @@ def test_multi_pass_equals_one_pass_and_reports_memory():
     loader = list(batches(synthetic_samples(8, seed=4), 4))
     before = model_fingerprint(model)
     one = lora_da.initialize(model, loader, rank=2, progress=False)
-    layer_budget = sum(
-        module_statistics_bytes(m, 8)
-        for name, m in find_target_modules(model, None, 2).items()
-        if layer_of(name) == "model.layers.0"
-    )
+    targets = find_target_modules(model, None, 2)
+    layer_statistics = sum(module_statistics_bytes(m, 8) for name, m in targets.items() if layer_of(name) == "model.layers.0")
+    layer_budget = layer_statistics + solve_reserve(targets)  # max_memory also holds the solve's share
     split = lora_da.initialize(model, loader, rank=2, progress=False, max_memory=layer_budget)
     assert_same_fingerprint(before, model_fingerprint(model))
 
     assert one.passes == 1 and split.passes == 3
     assert one.statistics_bytes == _exact_statistics_bytes(one, 8)
     assert split.statistics_bytes == _exact_statistics_bytes(one, 8) // 3  # equal layers
-    assert split.statistics_bytes <= layer_budget
+    assert split.statistics_bytes <= layer_statistics
     assert split.num_tokens == one.num_tokens and split.num_samples == one.num_samples
     assert list(split.modules) == list(one.modules)
     for name, m in one.modules.items():
@@ -325,7 +323,8 @@ def test_one_shot_loader_refused_when_several_passes_are_needed():
     model = tiny_llama(num_layers=2)
     before = model_fingerprint(model)
     one_shot = iter(list(batches(synthetic_samples(4), 2)))
-    largest_module = max(module_statistics_bytes(m, 4) for m in find_target_modules(model, None, 2).values())
+    targets = find_target_modules(model, None, 2)
+    largest_module = max(module_statistics_bytes(m, 4) for m in targets.values()) + solve_reserve(targets)
     with pytest.raises(ValueError, match="one-shot iterator.*max_memory|max_memory.*one-shot iterator"):
         lora_da.initialize(model, one_shot, rank=2, progress=False, max_memory=largest_module)
     assert_same_fingerprint(before, model_fingerprint(model))
@@ -338,7 +337,8 @@ def test_multi_pass_checkpoints_read_back(tmp_path):
     model = tiny_llama(num_layers=2, dtype=torch.float64)
     loader = list(batches(synthetic_samples(6, seed=5), 3))
     path = str(tmp_path / "stats.pt")
-    budget = max(module_statistics_bytes(m, 8) for m in find_target_modules(model, None, 2).values())
+    targets = find_target_modules(model, None, 2)
+    budget = max(module_statistics_bytes(m, 8) for m in targets.values()) + solve_reserve(targets)
     first = lora_da.initialize(model, loader, rank=2, progress=False, max_memory=budget, stats_checkpoint=path)
     assert first.passes >= 2
     saved = sorted(p.name for p in tmp_path.iterdir())
@@ -359,16 +359,14 @@ def test_multi_pass_equals_one_pass_for_other_data_methods(method):
     before = model_fingerprint(model)
     kwargs = dict(rank=2, progress=False, method=method, train_size=100)
     one = lora_da.initialize(model, loader, **kwargs)
-    layer_budget = sum(
-        module_statistics_bytes(m, 8)
-        for name, m in find_target_modules(model, None, 2).items()
-        if layer_of(name) == "model.layers.0"
-    )
+    targets = find_target_modules(model, None, 2)
+    layer_statistics = sum(module_statistics_bytes(m, 8) for name, m in targets.items() if layer_of(name) == "model.layers.0")
+    layer_budget = layer_statistics + solve_reserve(targets)  # max_memory also holds the solve's share
     split = lora_da.initialize(model, loader, max_memory=layer_budget, **kwargs)
     assert_same_fingerprint(before, model_fingerprint(model))
 
     assert one.passes == 1 and split.passes == 3
-    assert split.statistics_bytes <= layer_budget < one.statistics_bytes
+    assert split.statistics_bytes <= layer_statistics < one.statistics_bytes
     assert split.num_tokens == one.num_tokens and split.num_samples == one.num_samples
     assert split.backends == one.backends
     assert list(split.modules) == list(one.modules)

@@ -57,7 +57,10 @@ class SolveContext:
     to solve in this process (all of them, or under ``torch.distributed`` this
     rank's share when the method splits solves). ``statistics`` is ``None`` for
     methods that need none. ``solve`` may add seconds to ``timings["factor_prep"]``;
-    the driver books the rest of its time as ``"solve"``.
+    the driver books the rest of its time as ``"solve"``. ``solve_memory_budget``:
+    the bytes the solve's own working set (float64 preparation and solver
+    workspace, beyond the statistics) may take at once, or ``None`` for no limit;
+    the driver sets it from ``max_memory`` (:func:`lora_da.memory.solve_budget`).
     """
 
     settings: Settings
@@ -67,6 +70,7 @@ class SolveContext:
     statistics: Optional[KFACStatistics]
     train_size: int
     timings: Dict[str, float]
+    solve_memory_budget: Optional[int] = None
 
     def input_group(self, name: str) -> tuple:
         """The modules sharing ``name``'s input tensor (``(name,)`` without statistics)."""
