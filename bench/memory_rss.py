@@ -150,11 +150,16 @@ def main() -> None:
     parser.add_argument("--case", choices=["two-layer", "smollm2"], default="two-layer")
     parser.add_argument("--child", choices=["plain", "init"], help=argparse.SUPPRESS)
     parser.add_argument("--output", help="also write the table (markdown) to this file")
+    parser.add_argument("--plain-from", help="reuse the plain run of an earlier run's JSON line (file)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.case, args.child)))
         return
-    plain = run_child(args.case, "plain")
+    if args.plain_from:
+        with open(args.plain_from) as f:
+            plain = json.loads(f.read().strip().splitlines()[-1])["plain"]
+    else:
+        plain = run_child(args.case, "plain")
     init = run_child(args.case, "init")
     lines = table(args.case, plain, init)
     print("\n".join(lines))

@@ -422,3 +422,31 @@ def test_train_size_warning_only_for_lora_da_and_at_the_callers_line(method, dat
         lora_da.initialize(tiny_llama(), data, rank=2, progress=False, method=method, train_size=100)
     about_train_size = [w for w in caught if "train_size" in str(w.message)]
     assert [w.filename for w in about_train_size] == ([__file__] if method == "lora-da" else [])
+
+
+def test_each_pass_frees_the_previous_pass_statistics_before_collecting(monkeypatch):
+    """Under several passes, nothing (the solve's context included) keeps an earlier pass's
+    sums alive while the next pass runs: peak = one pass's statistics, not all of them."""
+    import weakref
+
+    from lora_da import pipeline
+
+    earlier = []
+    real = pipeline.statistics_pass
+
+    def spy(*args, **kwargs):
+        alive = [name for name, ref in earlier if ref() is not None]
+        assert not alive, f"statistics of pass(es) {alive} still alive when the next pass starts"
+        stats = real(*args, **kwargs)
+        earlier.append((len(earlier), weakref.ref(stats)))
+        return stats
+
+    monkeypatch.setattr(pipeline, "statistics_pass", spy)
+    model = tiny_llama(num_layers=3)
+    targets = find_target_modules(model, None, 2)
+    layer_budget = solve_reserve(targets) + sum(
+        module_statistics_bytes(m, 4) for name, m in targets.items() if layer_of(name) == "model.layers.0"
+    )
+    init = lora_da.initialize(model, list(batches(synthetic_samples(6), 3)), rank=2, progress=False,
+                              max_memory=layer_budget)
+    assert init.passes == len(earlier) == 3

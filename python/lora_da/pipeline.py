@@ -23,7 +23,7 @@ from . import distributed, distributed_agreement
 from .config import LoraDAConfig
 from .layers import is_conv1d
 from .memory import is_reiterable, plan_passes, solve_budget, solve_reserve, statistics_budget, statistics_share
-from .memory_peaks import PhasePeaks, PhaseTimings
+from .memory_peaks import PhasePeaks, PhaseTimings, release_free_memory
 from .methods import get_method
 from .methods.base import FORWARD_STATISTICS, Method, SolveContext
 from .methods.lora_da_reference import one_damping_summary
@@ -176,12 +176,14 @@ def _run(model: nn.Module, loader: Any, config: LoraDAConfig, peaks: PhasePeaks)
     train_size = config.train_size
     statistics_bytes = 0
     stats: Optional[KFACStatistics] = None
+    context: Optional[SolveContext] = None
     for pass_index, pass_targets in enumerate(passes):
-        stats = None  # the previous pass's sums are freed before this pass allocates its own
+        stats = context = None  # the previous pass's sums are freed before this pass allocates its own
         if method.needs_data:
             path = checkpoint_path(config, pass_index, len(passes))
             stats = statistics_pass(model, loader, pass_targets, config, method, path, timings)
             peaks.mark("statistics_pass")
+            release_free_memory()  # the batches' freed activations, before the float64 preparation
             statistics_bytes = max(statistics_bytes, stats.nbytes())
             backends["statistics"] = stats.backend + ("" if stats.has_gradients else " (forward only)")
             if train_size is None:
