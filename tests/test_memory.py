@@ -168,6 +168,19 @@ def test_init_memory_sees_each_phase_peak(monkeypatch):
     assert memory.total == max(memory.statistics_pass, memory.factor_prep, memory.solve)
 
 
+@pytest.mark.cuda
+def test_init_memory_on_cuda_counts_the_allocator_bytes():
+    """On CUDA the phases are the allocator's bytes on the model's device: the statistics
+    (there, on the GPU) raise the statistics pass's peak above the start."""
+    model = tiny_llama(hidden_size=256, intermediate_size=512).cuda()
+    init = lora_da.initialize(model, list(batches(synthetic_samples(6), 3)), rank=2, progress=False)
+    memory = init.memory
+    assert memory.measure == "cuda_allocated"
+    assert memory.start >= sum(p.numel() * p.element_size() for p in model.parameters())
+    assert memory.statistics_pass - memory.start >= init.statistics_bytes
+    assert memory.total >= max(memory.statistics_pass, memory.factor_prep, memory.solve) > 0
+
+
 def test_cli_init_and_bench_print_the_memory(model_dir, data_file, tmp_path, capsys):
     from cli_helpers import RANK, init_args
     from lora_da import cli
@@ -180,3 +193,23 @@ def test_cli_init_and_bench_print_the_memory(model_dir, data_file, tmp_path, cap
                      "--quiet", "--json", str(tmp_path / "bench.json")]) == 0
     assert "memory (peak rss): start " in capsys.readouterr().out
     assert json.loads((tmp_path / "bench.json").read_text())["memory_bytes"]["total"] > 0
+
+
+@pytest.mark.slow
+def test_two_layer_init_growth_is_bounded_by_its_statistics():
+    """Issue 17's rule, in a fresh process (bench/memory_rss.py's child, about a minute):
+    on a 2-layer Llama (hidden 1024, intermediate 4096, 4 batches x 2 x 64 tokens)
+    initialize()'s peak-RSS growth over the loaded model stays within 2.5 x statistics_bytes
+    + 200 MiB. Holding a float64 copy of every module's G and Z at once (about 4 x the
+    statistics) breaks it."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "memory_rss.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, script, "--case", "two-layer", "--child", "init"],
+                          capture_output=True, text=True, env=env, check=True, timeout=900)
+    numbers = json.loads(done.stdout.strip().splitlines()[-1])
+    growth = numbers["peak_rss"] - numbers["rss_after_load"]
+    assert growth <= 2.5 * numbers["statistics_bytes"] + 200 * 2**20, numbers
