@@ -66,7 +66,7 @@ def initialize(
         gather_to: under ``torch.distributed``, the rank that receives every
             module's factors (``None``: all ranks do; other ranks then return
             only the modules they solved).
-        max_memory: budget for the statistics held at once (bytes, or a
+        max_memory: budget for the statistics held at once plus the solve's working set (bytes, or a
             fraction of free device memory; default half of it). The whole
             model's statistics go in one pass when they fit; otherwise the
             layers are split over several passes (``result.passes``).

@@ -90,12 +90,16 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64"}
 
 
-def _write_safetensors(f: Any, keys: List[str], tensors: List[torch.Tensor], metadata: Dict[str, str]) -> None:
+def _write_safetensors(f: Any, keys: List[str], tensors: List[torch.Tensor], header: dict) -> None:
     """A safetensors file (8-byte little-endian header length, JSON header padded to 8 bytes,
-    the tensors' bytes in order), streamed one tensor at a time. Written here rather than with
+    the tensors' bytes in order) whose metadata is ``header`` with its ``sha256`` set, streamed
+    one tensor at a time: each tensor is read once (copied to the host once when it is on a
+    device, not at all when it is a contiguous little-endian CPU tensor) and hashed as it is
+    written; the digest is filled into the header afterwards (a 64-hex-digit placeholder of
+    the same length is written first). Written here rather than with
     ``safetensors.torch.save_file``, which may write its own temporary file (mode 0600) and
     needs every tensor on the host at once."""
-    entries: Dict[str, Any] = {"__metadata__": metadata}
+    entries: Dict[str, Any] = {}
     offset = 0
     for key, tensor in zip(keys, tensors):
         if tensor.dtype not in _SAFETENSORS_DTYPES:
@@ -107,12 +111,30 @@ def _write_safetensors(f: Any, keys: List[str], tensors: List[torch.Tensor], met
             "data_offsets": [offset, offset + size],
         }
         offset += size
-    header = json.dumps(entries, separators=(",", ":"), ensure_ascii=True).encode()
-    header += b" " * (-len(header) % 8)
-    f.write(struct.pack("<Q", len(header)))
-    f.write(header)
+
+    def encoded(sha256: str) -> bytes:
+        metadata = {_METADATA_KEY: _canonical({**header, "sha256": sha256})}
+        text = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":"), ensure_ascii=True).encode()
+        return text + b" " * (-len(text) % 8)
+
+    placeholder = encoded("0" * 64)
+    start = f.tell()
+    f.write(struct.pack("<Q", len(placeholder)))
+    f.write(placeholder)
+    digest = hashlib.sha256(_canonical({k: v for k, v in header.items() if k != "sha256"}).encode())
+    digest.update(b"\0")
     for tensor in tensors:
-        f.write(_tensor_bytes(tensor))
+        data = _tensor_bytes(tensor)
+        digest.update(data)
+        f.write(data)
+        del data
+    final = encoded(digest.hexdigest())
+    if len(final) != len(placeholder):  # pragma: no cover - hex digits never need escaping
+        raise AssertionError("the checkpoint header changed length")
+    end = f.tell()
+    f.seek(start + 8)
+    f.write(final)
+    f.seek(end)
 
 
 def _is_count(value: Any) -> bool:
@@ -333,7 +355,8 @@ class StatisticsCheckpoint:
     def save(self, state: dict) -> None:
         """Write ``state`` (:meth:`lora_da.collector.Collector.state`) atomically: a temporary
         file in the same directory with the user's umask mode, fsync, rename over the path.
-        Tensors are copied to the host one at a time (once for the digest, once to write)."""
+        Tensors are streamed one at a time, each read once (hashed as it is written):
+        the payload is never copied as a whole."""
         forward_only = bool(state["forward_only"])
         groups = [{"members": list(members)} for members, _ in state["groups"]]
         modules = [{"name": name, "group": int(index)} for name, index, _, _ in state["modules"]]
@@ -349,7 +372,6 @@ class StatisticsCheckpoint:
             "groups": groups,
             "modules": modules,
         }
-        header["sha256"] = _digest(header, tensors)
         keys = [f"Z.{i}" for i in range(len(groups))]
         if not forward_only:
             keys += [f"{kind}.{j}" for j in range(len(modules)) for kind in ("G", "y")]
@@ -365,7 +387,7 @@ class StatisticsCheckpoint:
                 continue
         try:
             with os.fdopen(handle, "wb") as f:
-                _write_safetensors(f, keys, tensors, {_METADATA_KEY: _canonical(header)})
+                _write_safetensors(f, keys, tensors, header)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temporary, self.path)

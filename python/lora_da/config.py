@@ -75,7 +75,7 @@ class LoraDAConfig:
             from which a rerun with the same arguments resumes. Under
             ``torch.distributed`` each rank uses ``PATH.rank<k>``.
         checkpoint_every: batches between two checkpoints.
-        max_memory: memory budget for the statistics held at once: bytes (an
+        max_memory: memory budget for the statistics held at once plus the solve's working set: bytes (an
             int), or a fraction (a float in (0, 1]) of the device's free memory
             (CUDA: ``torch.cuda.mem_get_info``; CPU: ``MemAvailable``).
             ``None`` (default) means half of the free memory, which holds the

@@ -1,4 +1,5 @@
-"""The memory budget: how many layers' statistics one pass over the data holds.
+"""The memory budget: how many layers' statistics one pass over the data holds,
+and how much the solve may add to them.
 
 The statistics of a target module are its gradient ``G`` (``d_out x d_in``),
 its output factor ``y`` (``d_out``) and the input factor ``Z`` (``d_in x d_in``)
@@ -7,6 +8,16 @@ has run, so the plan counts one ``Z`` per module: an upper bound (q/k/v and
 gate/up share theirs). Modules are kept together by layer
 (:func:`lora_da.naming.layer_prefix`, e.g. ``model.layers.3``), and consecutive
 layers are packed into a pass while they fit the budget (docs/math.md §7).
+
+``max_memory`` bounds the statistics *and* the solve's own working set (the
+float64 preparation and the solver's workspace): the statistics of a pass get
+the budget less :func:`solve_reserve` (the float64 working set of the largest
+single module, so that the solve can always proceed module by module), and the
+solve gets what the pass's statistics leave (:func:`solve_budget`). Without
+``max_memory`` the budget is half the free memory and the solve's share is at
+most the statistics' own bytes: the solve prepares as many modules at once as
+that allows (the float64 copies of every module at once would be about twice the
+statistics).
 """
 
 from __future__ import annotations
@@ -46,6 +57,42 @@ def statistics_budget(max_memory: Union[None, int, float], device: torch.device)
         return max_memory
     fraction = DEFAULT_FRACTION if max_memory is None else float(max_memory)
     return int(fraction * free_memory(device))
+
+
+def module_solve_bytes(module: nn.Module) -> int:
+    """Upper bound of the float64 working set of solving one module alone: ``Z`` and the
+    Cholesky factors of ``Z`` and of the preconditioner (``d_in x d_in`` each), ``Δ̂`` and a
+    transient ``Gᵀ`` (``d_in x d_out`` each)."""
+    d_in, d_out = linear_dims(module)
+    return 8 * (3 * d_in * d_in + 2 * d_out * d_in)
+
+
+def solve_reserve(modules: Dict[str, nn.Module]) -> int:
+    """What the plan keeps back from ``max_memory`` for the solve: the largest
+    :func:`module_solve_bytes` (0 without modules)."""
+    return max((module_solve_bytes(m) for m in modules.values()), default=0)
+
+
+def statistics_share(budget: int, modules: Dict[str, nn.Module]) -> int:
+    """The statistics' part of ``budget`` (bytes): the budget less :func:`solve_reserve`.
+    ``MemoryError`` naming the module when the budget cannot even hold its solve."""
+    reserve = solve_reserve(modules)
+    if reserve >= budget:
+        name = max(modules, key=lambda n: module_solve_bytes(modules[n]))
+        raise MemoryError(
+            f"the solve of module '{name}' needs {format_bytes(reserve)} of float64 working memory, "
+            f"the whole max_memory budget of {format_bytes(budget)}; raise max_memory"
+        )
+    return budget - reserve
+
+
+def solve_budget(budget: int, statistics_bytes: int, reserve: int, given: bool) -> int:
+    """Bytes the solve of a pass may add to its statistics (``SolveContext.solve_memory_budget``):
+    what ``budget`` leaves after the pass's statistics (at least ``reserve``, which the plan
+    kept back); when the budget was not ``given`` (the default fraction of free memory), at
+    most the larger of the statistics' own bytes and ``reserve``."""
+    left = max(budget - statistics_bytes, reserve)
+    return left if given else min(left, max(statistics_bytes, reserve))
 
 
 def module_statistics_bytes(module: nn.Module, element_size: int) -> int:
@@ -111,4 +158,14 @@ def is_reiterable(loader: object) -> bool:
         return False
 
 
-__all__ = ["free_memory", "statistics_budget", "plan_passes", "module_statistics_bytes", "is_reiterable"]
+__all__ = [
+    "free_memory",
+    "statistics_budget",
+    "plan_passes",
+    "module_statistics_bytes",
+    "module_solve_bytes",
+    "solve_reserve",
+    "statistics_share",
+    "solve_budget",
+    "is_reiterable",
+]

@@ -22,7 +22,8 @@ from torch import nn
 from . import distributed, distributed_agreement
 from .config import LoraDAConfig
 from .layers import is_conv1d
-from .memory import is_reiterable, plan_passes, statistics_budget
+from .memory import is_reiterable, plan_passes, solve_budget, solve_reserve, statistics_budget, statistics_share
+from .memory_peaks import PhasePeaks, PhaseTimings, release_free_memory
 from .methods import get_method
 from .methods.base import FORWARD_STATISTICS, Method, SolveContext
 from .methods.lora_da_reference import one_damping_summary
@@ -47,13 +48,14 @@ def check_loader(method: Method, loader: Any) -> None:
         )
 
 
-def plan(model: nn.Module, loader: Any, method: Method, targets: Dict[str, nn.Module], config: LoraDAConfig):
+def plan(model: nn.Module, loader: Any, method: Method, targets: Dict[str, nn.Module], config: LoraDAConfig, budget: int):
     """The passes over the data: one per group of consecutive layers whose statistics fit
-    ``config.max_memory`` (all targets in one group for a method that reads no data)."""
+    ``budget`` (``config.max_memory`` in bytes) less the solve's reserve (all targets in one
+    group for a method that reads no data)."""
     if not method.needs_data:
         return [targets]
     element_size = 8 if model_dtype(model) == torch.float64 else 4  # the statistics' accumulator dtype
-    passes = plan_passes(targets, statistics_budget(config.max_memory, model_device(model)), element_size)
+    passes = plan_passes(targets, statistics_share(budget, targets), element_size)
     if len(passes) > 1 and not is_reiterable(loader):
         raise ValueError(
             f"max_memory lets one pass hold the statistics of only part of the model ({len(passes)} passes "
@@ -148,36 +150,41 @@ def solve_pass(
 def run(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
     """Everything :func:`lora_da.initialize` does, for every method (see the module doc).
     The methods' damping escalations give one warning per call, however many passes."""
-    with one_damping_summary():
-        return _run(model, loader, config)
+    with one_damping_summary(), PhasePeaks(model_device(distributed.unwrap_model(model))) as peaks:
+        return _run(model, loader, config, peaks)
 
 
-def _run(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
+def _run(model: nn.Module, loader: Any, config: LoraDAConfig, peaks: PhasePeaks) -> LoraInit:
     start = time.perf_counter()
     method = get_method(config.method)
     options = config.options
     model = distributed.unwrap_model(model)
 
+    budget = statistics_budget(config.max_memory, model_device(model))  # bytes: statistics + solve
+
     def prepare():
         targets = find_target_modules(model, config.target_modules, config.rank)
         check_loader(method, loader)
         method.check_targets(targets, config.rank, options)
-        return targets, plan(model, loader, method, targets, config)
+        return targets, plan(model, loader, method, targets, config, budget)
 
     # under torch.distributed every rank checks that all were called alike (or all raise the same error)
     targets, passes = distributed_agreement.agree(config, model, loader, prepare) if distributed.is_active() else prepare()
 
-    timings: Dict[str, float] = {phase: 0.0 for phase in PHASES}
+    timings: Dict[str, float] = PhaseTimings(PHASES, peaks)  # the methods' phase laps end memory phases too
     backends: Dict[str, str] = {}
     modules: Dict[str, ModuleInit] = {}
     train_size = config.train_size
     statistics_bytes = 0
     stats: Optional[KFACStatistics] = None
+    context: Optional[SolveContext] = None
     for pass_index, pass_targets in enumerate(passes):
-        stats = None  # the previous pass's sums are freed before this pass allocates its own
+        stats = context = None  # the previous pass's sums are freed before this pass allocates its own
         if method.needs_data:
             path = checkpoint_path(config, pass_index, len(passes))
             stats = statistics_pass(model, loader, pass_targets, config, method, path, timings)
+            peaks.mark("statistics_pass")
+            release_free_memory()  # the batches' freed activations, before the float64 preparation
             statistics_bytes = max(statistics_bytes, stats.nbytes())
             backends["statistics"] = stats.backend + ("" if stats.has_gradients else " (forward only)")
             if train_size is None:
@@ -195,6 +202,11 @@ def _run(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
             statistics=stats,
             train_size=train_size or 0,
             timings=timings,
+            # what this pass's statistics leave of max_memory to the float64 preparation and solve
+            solve_memory_budget=solve_budget(
+                budget, stats.nbytes() if stats is not None else 0, solve_reserve(pass_targets),
+                given=config.max_memory is not None,
+            ),
         )
         pass_modules, backends["solve"] = solve_pass(method, context, model, config)
         modules.update(pass_modules)
@@ -202,6 +214,7 @@ def _run(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
         backends["distributed"] = f"torch.distributed ({dist.get_backend()}, {dist.get_world_size()} ranks)"
     # recorded after the gather, so that every rank's copy knows its layout (PEFT's fan_in_fan_out)
     modules = {name: dataclasses.replace(m, transposed_weight=is_conv1d(targets[name])) for name, m in modules.items()}
+    timings = dict(timings)
     timings["total"] = time.perf_counter() - start
     counts = _counts(stats)
     return LoraInit(
@@ -212,6 +225,7 @@ def _run(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
         backends=backends,
         passes=len(passes),
         statistics_bytes=statistics_bytes,
+        memory=peaks.result(),
         **counts,
     )
 

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Tuple
 from torch import nn
 
 from .config import LoraDAConfig
+from .memory_peaks import PhaseMemory
 from .methods import get_method
 from .module_init import ModuleInit
 from .peft_glue import apply_to_peft_model, save_adapter
@@ -33,6 +34,8 @@ class LoraInit:
         backends: which implementation ran each phase.
         passes: passes over the data (more than one only under a ``max_memory`` budget).
         statistics_bytes: peak bytes of the statistics held at once.
+        memory: peak process memory per phase (:class:`lora_da.memory_peaks.PhaseMemory`:
+            RSS on CPU, the CUDA allocator's bytes on CUDA); ``None`` when not measured.
     """
 
     modules: Dict[str, ModuleInit]
@@ -47,6 +50,7 @@ class LoraInit:
     backends: Dict[str, str] = field(default_factory=dict)
     passes: int = 1
     statistics_bytes: int = 0
+    memory: Optional[PhaseMemory] = None
 
     @property
     def method(self) -> str:
@@ -189,6 +193,7 @@ class LoraInit:
             "timings_s": dict(self.timings),
             "passes": self.passes,
             "statistics_bytes": self.statistics_bytes,
+            "memory_bytes": self.memory.as_dict() if self.memory is not None else None,
             "backends": dict(self.backends),
             "input_groups": [list(g) for g in self.input_groups],
             "modules": {
@@ -221,4 +226,6 @@ class LoraInit:
             "backends: " + ", ".join(f"{phase}={backend}" for phase, backend in self.backends.items()),
             f"statistics: {self.passes} pass(es) over the data, peak {self.statistics_bytes / 2**20:.1f} MiB",
         ]
+        if self.memory is not None:
+            lines.append(self.memory.summary())
         return "\n".join(lines)

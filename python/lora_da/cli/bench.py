@@ -137,6 +137,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rate = f"{tokens / seconds:>10.0f}" if "pass" in name or "total" in name else f"{'':>10}"
         print(f"{name:<26} {seconds:>9.3f} {seconds / plain:>13.2f} {rate}")
     print(f"init overhead: {init.timings['total'] / plain:.2f}x one plain forward+backward pass")
+    if init.memory is not None:
+        print(init.memory.summary())
     if args.json:
         numbers = {
             "command": BENCH_COMMAND,
@@ -150,6 +152,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "modules": len(init.modules),
             "seconds": dict(rows),
             "backends": init.backends,
+            "memory_bytes": init.memory.as_dict() if init.memory is not None else None,
         }
         try:
             write_json_atomically(args.json, numbers)

@@ -58,8 +58,10 @@ class SolveContext:
     rank's share when the method splits solves). ``statistics`` is ``None`` for
     methods that need none. ``solve`` may add seconds to ``timings["factor_prep"]``;
     the driver books the rest of its time as ``"solve"``. ``solve_memory_budget``:
-    the bytes the solve's working set (float64 copies, factorizations) may hold at
-    once; ``None``: unlimited. Methods that work in groups of modules size the groups by it.
+    the bytes the solve's own working set (float64 preparation and solver
+    workspace, beyond the statistics) may take at once, or ``None`` for no limit;
+    the driver sets it from ``max_memory`` (:func:`lora_da.memory.solve_budget`);
+    methods that work in groups of modules size the groups by it.
     """
 
     settings: Settings
