@@ -67,6 +67,7 @@ def _int64(x):
 @triton.autotune(
     configs=triton_launch.statistics_configs(),
     key=["d_in", "token_bucket", "HAS_WEIGHTS"],
+    prune_configs_by={"early_config_prune": triton_launch.prune_statistics_configs},
     restore_value=["out_ptr"],
 )
 @triton.jit
@@ -139,6 +140,7 @@ def _input_factor_kernel(
 @triton.autotune(
     configs=triton_launch.statistics_configs(),
     key=["d_out", "d_in", "token_bucket", "HAS_WEIGHTS"],
+    prune_configs_by={"early_config_prune": triton_launch.prune_statistics_configs},
     restore_value=["grad_out_ptr", "diag_out_ptr"],
 )
 @triton.jit

@@ -81,21 +81,34 @@ def autotune_enabled() -> bool:
     return os.environ.get("LORA_DA_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no", "n")
 
 
-def statistics_configs(interpreting: bool = INTERPRETING, tiles=None) -> list:
+def statistics_configs(interpreting: bool = INTERPRETING, tiles=STATISTICS_TILES) -> list:
     """Autotune configurations (``triton.Config``) of the two statistics kernels
-    (``Z += aᵀ diag(m) a`` and ``y, G``): ``tiles`` (default :data:`STATISTICS_TILES`,
-    or the pinned tile alone when autotuning is off); one configuration under the interpreter."""
+    (``Z += aᵀ diag(m) a`` and ``y, G``), one per entry of ``tiles``; one configuration
+    under the interpreter."""
     import triton
 
     if interpreting:
         block = INTERPRETER_BLOCK
         return [triton.Config({"BLOCK_D": block, "BLOCK_T": block}, num_warps=4, num_stages=1)]
-    if tiles is None:
-        tiles = STATISTICS_TILES if autotune_enabled() else (PINNED_STATISTICS_TILE,)
     return [
         triton.Config({"BLOCK_D": block_d, "BLOCK_T": block_t}, num_warps=warps, num_stages=stages)
         for block_d, block_t, warps, stages in tiles
     ]
+
+
+def _tile_of(config) -> tuple:
+    return (config.kwargs["BLOCK_D"], config.kwargs["BLOCK_T"], config.num_warps, config.num_stages)
+
+
+def prune_statistics_configs(configs, named_args=None, **kwargs) -> list:
+    """The autotuner's ``early_config_prune`` hook, called when a new key is tuned: all
+    ``configs``, or only the pinned one when ``LORA_DA_TRITON_AUTOTUNE=0`` *now* (read at
+    launch, so a test session or a benchmark's warm-up can set it after the import).
+    A list without the pinned tile is left to its first entry."""
+    if autotune_enabled():
+        return list(configs)
+    pinned = [config for config in configs if _tile_of(config) == PINNED_STATISTICS_TILE]
+    return pinned or list(configs)[:1]
 
 
 # Split over tokens (kfac_stats_triton). Fixed numbers, not the device's SM count, so that
