@@ -237,12 +237,13 @@ def _child_main() -> int:
 # ---------------------------------------------------------------------------------------
 # The tests
 # ---------------------------------------------------------------------------------------
-def run_jobs(jobs) -> dict:
-    """Compile ``jobs`` in one child process (compiled mode); ``{job id: result}``."""
+def run_jobs(jobs, cache_dir) -> dict:
+    """Compile ``jobs`` in one child process (compiled mode, Triton's cache in the empty
+    ``cache_dir``: every job really compiles); ``{job id: result}``."""
     if not jobs:
         return {}
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(cache_dir))
     python_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [python_path, env.get("PYTHONPATH")]))
     done = subprocess.run(
@@ -263,13 +264,13 @@ def _selected_jobs(request, test_name):
 
 
 @pytest.fixture(scope="module")
-def default_results(request):
-    return run_jobs(_selected_jobs(request, "test_aot_compiles"))
+def default_results(request, tmp_path_factory):
+    return run_jobs(_selected_jobs(request, "test_aot_compiles"), tmp_path_factory.mktemp("triton-cache"))
 
 
 @pytest.fixture(scope="module")
-def full_results(request):
-    return run_jobs(_selected_jobs(request, "test_aot_compiles_full_sweep"))
+def full_results(request, tmp_path_factory):
+    return run_jobs(_selected_jobs(request, "test_aot_compiles_full_sweep"), tmp_path_factory.mktemp("triton-cache"))
 
 
 def _check(result, job):
