@@ -5,6 +5,9 @@
   in ``conftest.py``) on small ragged shapes (the interpreter executes every
   program in Python); ``@pytest.mark.cuda`` tests run the compiled, autotuned
   kernels at larger shapes.
+* The split over tokens (``num_splits``: partial sums added in split order) vs float64,
+  and bitwise equal on a second run; the split policy; element offsets past 2³¹ (views
+  with a 2³⁰ + 64 row stride over virtual memory, in a child process).
 * The reference's CPU fast path (Z on its lower triangle by column panels,
   mirrored at the end of the pass) and its output statistics vs the float64 formula.
 
