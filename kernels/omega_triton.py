@@ -13,7 +13,9 @@ no second pass. ``−α/σ²`` and ``w`` are read from device tensors (no host s
 fp32 inputs use ``tl.dot`` with IEEE fp32 products (no TF32); fp64 inputs use a
 broadcast multiply-and-sum on the FP64 units (``tl.dot`` on fp64 is not available
 on every Triton/GPU pair). Block sizes are fixed per dtype (Ω is built once per
-module, so it is not autotuned): ``triton_launch.omega_blocks``.
+module, so it is not autotuned): ``triton_launch.omega_blocks``. Element offsets are
+int64 (``module · d_in²`` passes 2³¹ for 18 modules of d_in = 11008), formed once;
+the pointers advance by an int64 step per reduction block.
 """
 
 from __future__ import annotations
@@ -54,43 +56,45 @@ def _guidance_matrices_kernel(
     module = tl.program_id(2)
     if tile_col < tile_row:
         return
-    delta_ptr += module * stride_db
-    zinv_ptr += module * stride_zb
-    omega_ptr += module * stride_ob
+    # 64-bit element offsets: module · d_in², and rows · stride, may exceed 2³¹.
+    module64 = module.to(tl.int64)
+    delta_ptr += module64 * stride_db
+    zinv_ptr += module64 * stride_zb
+    omega_ptr += module64 * stride_ob
     rows = tile_row * BLOCK_D + tl.arange(0, BLOCK_D)
     cols = tile_col * BLOCK_D + tl.arange(0, BLOCK_D)
     row_ok = rows < d_in
     col_ok = cols < d_in
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
+    ks64 = ks.to(tl.int64)
+    left_ptrs = delta_ptr + rows64[:, None] * stride_dr + ks64[None, :] * stride_dc
+    # Δ of the column block, transposed: BLOCK_K x BLOCK_D
+    right_ptrs = delta_ptr + cols64[None, :] * stride_dr + ks64[:, None] * stride_dc
+    step = (stride_dc + tl.zeros((), dtype=tl.int64)) * BLOCK_K
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=omega_ptr.dtype.element_ty)
     for k0 in range(0, d_out, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < d_out
-        left = tl.load(
-            delta_ptr + rows[:, None] * stride_dr + k[None, :] * stride_dc,
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        right = tl.load(  # Δ of the column block, transposed: BLOCK_K x BLOCK_D
-            delta_ptr + cols[None, :] * stride_dr + k[:, None] * stride_dc,
-            mask=k_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
+        k_ok = k0 + ks < d_out
+        left = tl.load(left_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        right = tl.load(right_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if USE_DOT:
             acc = tl.dot(left, right, acc, input_precision=DOT_PRECISION)
         else:
             acc += tl.sum(left[:, :, None] * right[None, :, :], axis=1)
+        left_ptrs += step
+        right_ptrs += step
     if tile_row == tile_col:  # make the diagonal tile's own product exactly symmetric
         acc = 0.5 * (acc + tl.trans(acc))
-    bias_scale = tl.load(bias_scale_ptr + module)  # −α/σ², the σ normalization of Δ̂
-    weight = tl.load(weight_ptr + module)
+    bias_scale = tl.load(bias_scale_ptr + module64)  # −α/σ², the σ normalization of Δ̂
+    weight = tl.load(weight_ptr + module64)
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    zinv_upper = tl.load(zinv_ptr + rows[:, None] * stride_zr + cols[None, :] * stride_zc, mask=tile_ok, other=0.0)
-    zinv_lower = tl.load(zinv_ptr + cols[None, :] * stride_zr + rows[:, None] * stride_zc, mask=tile_ok, other=0.0)
+    zinv_upper = tl.load(zinv_ptr + rows64[:, None] * stride_zr + cols64[None, :] * stride_zc, mask=tile_ok, other=0.0)
+    zinv_lower = tl.load(zinv_ptr + cols64[None, :] * stride_zr + rows64[:, None] * stride_zc, mask=tile_ok, other=0.0)
     omega = acc * bias_scale + weight * (0.5 * (zinv_upper + zinv_lower))
-    tl.store(omega_ptr + rows[:, None] * stride_or + cols[None, :] * stride_oc, omega, mask=tile_ok)
+    tl.store(omega_ptr + rows64[:, None] * stride_or + cols64[None, :] * stride_oc, omega, mask=tile_ok)
     if tile_row != tile_col:
-        tl.store(omega_ptr + cols[None, :] * stride_or + rows[:, None] * stride_oc, omega, mask=tile_ok)
+        tl.store(omega_ptr + cols64[None, :] * stride_or + rows64[:, None] * stride_oc, omega, mask=tile_ok)
 
 
 def guidance_matrices(

@@ -13,7 +13,9 @@ without Triton.
   bf16/fp16 arithmetic is not the GPU's), one autotune configuration is used and
   every block is :data:`INTERPRETER_BLOCK` wide.
 * :func:`check_device`: where the kernels can run (CUDA, or anything under the interpreter).
-* :func:`statistics_configs`: the autotune table of both statistics kernels.
+* :func:`statistics_configs`: the autotune table of both statistics kernels
+  (``LORA_DA_TRITON_AUTOTUNE=0``: only :data:`PINNED_STATISTICS_TILE`, no autotuning).
+* :func:`token_splits`: how many token ranges a statistics launch sums separately.
 * :func:`dot_precision`: the ``input_precision`` of their ``tl.dot`` calls.
 * :func:`omega_blocks`: the fixed block sizes of the Ω kernel.
 """
@@ -69,9 +71,20 @@ STATISTICS_TILES = (
 )
 
 
-def statistics_configs(interpreting: bool = INTERPRETING) -> list:
+PINNED_STATISTICS_TILE = (128, 64, 8, 3)
+"""The one configuration used when autotuning is off (``LORA_DA_TRITON_AUTOTUNE=0``) and
+by the CUDA test runs (tests/kernel_checks.py): no benchmarking, one compile per variant."""
+
+
+def autotune_enabled() -> bool:
+    """``LORA_DA_TRITON_AUTOTUNE`` (default on); ``0``/``false``/``off`` pins one configuration."""
+    return os.environ.get("LORA_DA_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no", "n")
+
+
+def statistics_configs(interpreting: bool = INTERPRETING, tiles=STATISTICS_TILES) -> list:
     """Autotune configurations (``triton.Config``) of the two statistics kernels
-    (``Z += aᵀ diag(m) a`` and ``y, G``); one configuration under the interpreter."""
+    (``Z += aᵀ diag(m) a`` and ``y, G``), one per entry of ``tiles``; one configuration
+    under the interpreter."""
     import triton
 
     if interpreting:
@@ -79,18 +92,94 @@ def statistics_configs(interpreting: bool = INTERPRETING) -> list:
         return [triton.Config({"BLOCK_D": block, "BLOCK_T": block}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_D": block_d, "BLOCK_T": block_t}, num_warps=warps, num_stages=stages)
-        for block_d, block_t, warps, stages in STATISTICS_TILES
+        for block_d, block_t, warps, stages in tiles
     ]
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def _tile_of(config) -> tuple:
+    return (config.kwargs["BLOCK_D"], config.kwargs["BLOCK_T"], config.num_warps, config.num_stages)
+
+
+def prune_statistics_configs(configs, named_args=None, **kwargs) -> list:
+    """The autotuner's ``early_config_prune`` hook, called when a new key is tuned: all
+    ``configs``, or only the pinned one when ``LORA_DA_TRITON_AUTOTUNE=0`` *now* (read at
+    launch, so a test session or a benchmark's warm-up can set it after the import).
+    A list without the pinned tile is left to its first entry."""
+    if autotune_enabled():
+        return list(configs)
+    pinned = [config for config in configs if _tile_of(config) == PINNED_STATISTICS_TILE]
+    return pinned or list(configs)[:1]
+
+
+# Split over tokens (kfac_stats_triton). Fixed numbers, not the device's SM count, so that
+# the split, hence the rounding, depends on the shapes alone.
+SPLIT_TARGET_PROGRAMS = 264
+"""Programs a statistics launch aims for: two waves over an H100/H200's 132 SMs."""
+SPLIT_BLOCK_D = 128
+"""Output tile side assumed when counting programs (the table's largest BLOCK_D)."""
+MIN_TOKENS_PER_SPLIT = 1024
+"""No split gets fewer tokens: below that the partial sums cost more than they save."""
+MAX_SPLITS = 32
+MAX_PARTIAL_BYTES = 512 * 2**20
+"""Cap on the fp32 partial-sum buffer of one launch (splits x output entries x 4 bytes)."""
+TOKEN_ALIGN = 128
+"""Each split's token count is a multiple of this (the table's largest BLOCK_T)."""
+
+
+@dataclass(frozen=True)
+class TokenSplits:
+    """``count`` token ranges of ``tokens_per_split`` tokens (the last one shorter), and the
+    autotune bucket of the range length (a power of two: configurations are keyed by it)."""
+
+    count: int
+    tokens_per_split: int
+    bucket: int
+
+
+def token_splits(num_tokens: int, programs: int, output_entries: int, requested=None) -> TokenSplits:
+    """How a statistics launch over ``num_tokens`` tokens with ``programs`` output tiles
+    (counted with :data:`SPLIT_BLOCK_D`) and ``output_entries`` fp32 outputs splits its tokens.
+
+    ``requested``: the number of splits (tests, benchmarks), else enough splits to reach
+    :data:`SPLIT_TARGET_PROGRAMS` programs, within the caps above.
+    """
+    if requested is not None:
+        if int(requested) < 1:
+            raise ValueError(f"num_splits must be >= 1, got {requested}")
+        count = min(int(requested), max(num_tokens, 1))
+        tokens_per_split = -(-num_tokens // count)
+    else:
+        count = min(
+            MAX_SPLITS,
+            -(-SPLIT_TARGET_PROGRAMS // max(programs, 1)),
+            num_tokens // MIN_TOKENS_PER_SPLIT,
+            MAX_PARTIAL_BYTES // max(4 * output_entries, 1),
+        )
+        count = max(count, 1)
+        tokens_per_split = -(-num_tokens // count)
+        tokens_per_split = -(-tokens_per_split // TOKEN_ALIGN) * TOKEN_ALIGN
+    count = max(-(-num_tokens // max(tokens_per_split, 1)), 1)
+    bucket = 1 << max(tokens_per_split - 1, 0).bit_length()
+    return TokenSplits(count, max(tokens_per_split, 1), min(max(bucket, TOKEN_ALIGN), 65536))
+
+
+FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def dot_precision(dtype: torch.dtype, fp32_precision: str = "ieee") -> str:
     """``tl.dot``'s ``input_precision`` for inputs of ``dtype``.
 
-    fp32 inputs: ``"ieee"``, IEEE fp32 products as the reference's fp32 ``addmm``
-    (TF32 would lose ~3 decimal digits). 16-bit inputs: the flag does not apply
-    (products of two bf16/fp16 values are exact in fp32); ``"tf32"`` is Triton's default.
+    fp32 inputs: ``fp32_precision``, by default ``"ieee"``: IEEE fp32 products as the
+    reference's fp32 ``addmm`` (no tensor cores). ``"tf32x3"`` runs on tensor cores with
+    three TF32 products per product (about 2⁻²⁰ relative error per product, ~16x fp32's
+    rounding: not fp32 accuracy); ``"tf32"`` rounds each factor to 11 significant bits
+    (2⁻¹¹ relative per product, exact only for inputs that fit in TF32, e.g. upcast
+    bf16). 16-bit inputs: the flag does not apply (products of two bf16/fp16 values are
+    exact in fp32); ``"tf32"`` is Triton's default.
     """
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    return fp32_precision if dtype == torch.float32 else "tf32"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Shared by the kernel tests (tests/test_kernels_*.py): inputs, token masks, rounding
-bounds and the Triton import guard.
+bounds, the Triton import guard, views with element offsets past 2³¹ and a child
+process to run them in. On a GPU, importing it pins the statistics kernels' autotuning
+to one configuration (``LORA_DA_TRITON_AUTOTUNE=0`` unless set).
 
 Tolerances are bounds, not fitted numbers: a sum of ``n`` terms accumulated in
 floating point of unit roundoff ``u`` is off by at most ``γ_n · Σ|terms|`` with
@@ -11,6 +13,9 @@ inputs and states how many roundings each term can see.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +24,12 @@ from lora_da.kernels import triton_launch
 
 INTERPRETING = triton_launch.INTERPRETING
 DEVICE = "cpu" if INTERPRETING else "cuda"
+if not INTERPRETING:
+    # GPU runs: every new autotune key would compile and time all six configurations
+    # (~300 compiles over the kernel tests); pinned, each kernel variant compiles once
+    # (triton_launch.prune_statistics_configs reads this at launch).
+    # test_every_gpu_tile_configuration still runs each configuration once.
+    os.environ.setdefault("LORA_DA_TRITON_AUTOTUNE", "0")
 UNIT_ROUNDOFF = {
     torch.float64: 2.0**-53,
     torch.float32: 2.0**-24,
@@ -97,3 +108,42 @@ def import_triton_module(name: str):
     if not INTERPRETING and not torch.cuda.is_available():
         pytest.skip("the Triton kernels need a CUDA GPU or TRITON_INTERPRET=1")
     return importlib.import_module(f"lora_da.kernels.{name}")
+
+
+WIDE_STRIDE = 2**30 + 64
+"""A row stride whose multiples by 2 and 3 pass 2³¹ (not a power of two, so that a
+wrapped int32 offset cannot land on the right element by accident)."""
+
+
+def wide_rows(storage: torch.Tensor, num_rows: int, dim: int, offset: int, seed: int) -> torch.Tensor:
+    """A ``num_rows x dim`` view with row stride :data:`WIDE_STRIDE` into ``storage``
+    (from ``offset``), its rows filled with random values.
+
+    ``storage`` is allocated with ``torch.empty`` and never touched elsewhere: the
+    gigabytes between the rows stay virtual memory (only the written pages are resident),
+    so element offsets past 2³¹ are exercised without allocating that much."""
+    view = storage.as_strided((num_rows, dim), (WIDE_STRIDE, 1), offset)
+    view.copy_(random_inputs(num_rows, dim, storage.dtype, seed, device=storage.device))
+    return view
+
+
+def wide_storage(num_rows: int, dim: int, dtype) -> torch.Tensor:
+    """An uninitialized storage long enough for :func:`wide_rows` views of ``num_rows`` rows."""
+    return torch.empty((num_rows - 1) * WIDE_STRIDE + 2 * dim, dtype=dtype)
+
+
+def run_isolated(code: str, timeout: int = 300) -> str:
+    """Run ``code`` in a fresh interpreter-mode Python (kernels imported there): a wrong
+    address can crash the process, which then fails the calling test instead of the suite.
+    Returns stdout; skips when the storage cannot be reserved (``MemoryError`` there)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    python_path = [os.path.join(os.path.dirname(here), "python"), here, os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, python_path)))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode == 3:
+        pytest.skip(f"could not reserve the virtual memory: {done.stdout.strip()}")
+    assert done.returncode == 0, (
+        f"child exited with {done.returncode} (negative: killed by that signal, e.g. -11 for an invalid address)\n"
+        f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    )
+    return done.stdout

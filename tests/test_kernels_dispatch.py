@@ -124,6 +124,32 @@ def test_statistics_configs():
 def test_dot_precision_never_tf32_for_fp32():
     # The interpreter ignores input_precision: only this and the CUDA tests see a change here.
     assert triton_launch.dot_precision(torch.float32) == "ieee"
+    assert triton_launch.dot_precision(torch.float32, "tf32x3") == "tf32x3"
+
+
+def test_autotune_pinned_by_the_variable_at_launch(monkeypatch):
+    """``LORA_DA_TRITON_AUTOTUNE=0`` read when a key is tuned (not at import) keeps the pinned
+    configuration alone; otherwise every configuration is timed."""
+    pytest.importorskip("triton")
+    gpu = triton_launch.statistics_configs(interpreting=False)
+    assert triton_launch.PINNED_STATISTICS_TILE in triton_launch.STATISTICS_TILES
+    monkeypatch.setenv("LORA_DA_TRITON_AUTOTUNE", "1")
+    assert triton_launch.prune_statistics_configs(gpu, {}) == gpu
+    for off in ("0", "off", " False "):
+        monkeypatch.setenv("LORA_DA_TRITON_AUTOTUNE", off)
+        (pinned,) = triton_launch.prune_statistics_configs(gpu, {})
+        assert triton_launch._tile_of(pinned) == triton_launch.PINNED_STATISTICS_TILE
+    other = [config for config in gpu if triton_launch._tile_of(config) != triton_launch.PINNED_STATISTICS_TILE]
+    assert triton_launch.prune_statistics_configs(other, {}) == other[:1]
+
+
+def test_kernels_autotune_keys_and_pruning(kernels):
+    """Both statistics kernels are tuned per weights flag and token bucket (not only per
+    d), and through the pruning hook that can pin them."""
+    assert kernels._input_factor_kernel.keys == ["d_in", "token_bucket", "HAS_WEIGHTS"]
+    assert kernels._output_statistics_kernel.keys == ["d_out", "d_in", "token_bucket", "HAS_WEIGHTS"]
+    for kernel in (kernels._input_factor_kernel, kernels._output_statistics_kernel):
+        assert kernel.early_config_prune is triton_launch.prune_statistics_configs
 
 
 @pytest.mark.parametrize("interpreting", [True, False])

@@ -5,6 +5,9 @@
   in ``conftest.py``) on small ragged shapes (the interpreter executes every
   program in Python); ``@pytest.mark.cuda`` tests run the compiled, autotuned
   kernels at larger shapes.
+* The split over tokens (``num_splits``: partial sums added in split order) vs float64,
+  and bitwise equal on a second run; the split policy; element offsets past 2³¹ (views
+  with a 2³⁰ + 64 row stride over virtual memory, in a child process).
 * The reference's CPU fast path (Z on its lower triangle by column panels,
   mirrored at the end of the pass) and its output statistics vs the float64 formula.
 
@@ -41,6 +44,7 @@ from kernel_checks import (
     assert_within,
     gamma,
     import_triton_module,
+    run_isolated,
     random_inputs,
     token_mask,
 )
@@ -206,15 +210,15 @@ def test_mixed_input_dtypes_meet_in_the_wider_one(kernels):
     assert_within(y, (g64 * g64).sum(0), bound * (g64 * g64).sum(0), "y mixed")
 
 
-@pytest.mark.skipif(not INTERPRETING, reason="runs the GPU tile table under the interpreter")
 @pytest.mark.parametrize(
     "config", triton_launch.STATISTICS_TILES, ids=lambda c: "D{}-T{}-w{}-s{}".format(*c)
 )
 def test_every_gpu_tile_configuration(kernels, monkeypatch, config):
     """Each autotune configuration of the GPU table, run alone, gives the reference's sums:
-    the CPU runs otherwise use only the interpreter's 32 x 32 tiles. (The interpreter ignores
-    warps, stages and the dot precision; it checks the tiling and masking logic of every
-    block size, so one input dtype suffices.)"""
+    the other tests use the interpreter's 32 x 32 tiles on CPU and the pinned configuration
+    on a GPU. (The interpreter ignores warps, stages and the dot precision; it checks the
+    tiling and masking logic of every block size, so one input dtype suffices. On a GPU
+    each configuration compiles once here.)"""
     import triton
 
     dtype = torch.bfloat16
@@ -390,3 +394,170 @@ def test_cuda_statistics_large_ragged(kernels, dtype, mask_kind):
     assert_within(z, (a64 * m64[:, None]).T @ a64, z_bound, "Z cuda")
     assert_within(y, (g64 * g64 * m64[:, None]).sum(0), bound * (g64 * g64 * m64[:, None]).sum(0), "y cuda")
     assert_within(grad, g64.T @ a64, bound * (g64.abs().T @ a64.abs()), "G cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# Split over tokens: partial sums reduced in split order
+# ---------------------------------------------------------------------------------------
+SPLIT_CASES = [
+    ((130, 70, 19), 2),  # splits of 65 tokens: not a multiple of the 32-token block
+    ((203, 45, 37), 3),
+    ((77, 33, 40), 7),  # more splits than token blocks; 11 tokens each
+    ((5, 3, 7), 9),  # more splits requested than tokens: one token per split
+]
+
+
+@pytest.mark.parametrize(
+    "dtype, mask_kind", [(torch.bfloat16, "holes"), (torch.float32, "fractional"), (torch.bfloat16, "none")], ids=str
+)
+@pytest.mark.parametrize("shape, num_splits", SPLIT_CASES, ids=str)
+def test_split_tokens_match_float64_and_repeat_bitwise(kernels, dtype, shape, num_splits, mask_kind):
+    """Z, y and G with the tokens split: the float64 sums within γ_{T+2} (any summation
+    order obeys it), strictly-lower tiles untouched, and the same bits on a second run."""
+    num_tokens, d_in, d_out = shape
+    seed = _seed(dtype, shape, num_splits, mask_kind, "split")
+    a = random_inputs(num_tokens, d_in, dtype, seed)
+    g = random_inputs(num_tokens, d_out, dtype, seed + 1, scale=1e-3)
+    m = token_mask(num_tokens, mask_kind, seed)
+    start = _symmetric_start(d_in, seed + 2)
+    y_start = random_inputs(1, d_out, torch.float32, seed + 3).reshape(-1).abs() * 1e-6
+    g_start = random_inputs(d_out, d_in, torch.float32, seed + 4) * 1e-3
+
+    runs = []
+    for _ in range(2):
+        z, y, grad = start.clone(), y_start.clone(), g_start.clone()
+        kernels.accumulate_input_factor(z, a, m, num_splits=num_splits)
+        if d_in > triton_launch.INTERPRETER_BLOCK:
+            _assert_lower_tiles_untouched(z, start, triton_launch.INTERPRETER_BLOCK)
+        kernels.finalize_input_factor(z)
+        kernels.accumulate_output_statistics(y, grad, g, a, m, num_splits=num_splits)
+        runs.append((z, y, grad))
+    for first, second, name in zip(runs[0], runs[1], "Zyg"):
+        assert torch.equal(first, second), f"{name}: two runs with {num_splits} splits differ"
+    z, y, grad = runs[0]
+
+    a64, g64 = a.double(), g.double()
+    m64 = _weights64(m, num_tokens, a.device)
+    z_expected, y_expected, g_expected = start.double().clone(), y_start.double().clone(), g_start.double().clone()
+    kfac_stats.accumulate_input_factor(z_expected, a64, m64)
+    kfac_stats.accumulate_output_statistics(y_expected, g_expected, g64, a64, m64)
+    extra = _weight_rounding(dtype, mask_kind)
+    bound = gamma(num_tokens + 2)
+    z_magnitude = start.double().abs() + (a64.abs() * m64[:, None]).T @ a64.abs()
+    assert_within(z, z_expected, (extra + bound * (1 + extra)) * z_magnitude, f"Z split {num_splits}")
+    y_magnitude = y_start.double() + (g64 * g64 * m64[:, None]).sum(0)
+    assert_within(y, y_expected, bound * y_magnitude, f"y split {num_splits}")
+    g_magnitude = g_start.double().abs() + g64.abs().T @ a64.abs()
+    assert_within(grad, g_expected, bound * g_magnitude, f"G split {num_splits}")
+
+
+def test_token_splits_policy():
+    """Splits depend on the shapes only: few output tiles and many tokens split; many tiles,
+    few tokens or a huge partial buffer do not."""
+    splits = triton_launch.token_splits
+    # d = 576: 5 x 5 tiles of 128, 15 upper ones; 262144 tokens
+    small = splits(262144, 15, 576 * 576)
+    assert small.count == 18 and small.tokens_per_split % triton_launch.TOKEN_ALIGN == 0
+    assert small.count * small.tokens_per_split >= 262144 > (small.count - 1) * small.tokens_per_split
+    assert splits(262144, 86 * 87 // 2, 11008**2).count == 1  # d = 11008: 3741 tiles
+    assert splits(1500, 15, 576 * 576).count == 1  # under 2 x MIN_TOKENS_PER_SPLIT
+    assert splits(10**7, 1, 2**27).count == 1  # one split of G would already take 512 MiB
+    assert splits(10**7, 1, 10).count == triton_launch.MAX_SPLITS
+    assert splits(100, 15, 10, requested=3) == triton_launch.TokenSplits(3, 34, 128)
+    assert small.bucket == 16384 and splits(10**9, 1, 10).bucket == 65536
+    with pytest.raises(ValueError, match="num_splits"):
+        splits(100, 15, 10, requested=0)
+    with pytest.raises(ValueError, match="fp32_precision"):
+        triton_launch.dot_precision(torch.float32, "fast")
+    assert triton_launch.dot_precision(torch.float32) == "ieee"
+    assert triton_launch.dot_precision(torch.bfloat16, "ieee") == "tf32"
+
+
+def test_fp32_precision_is_checked_and_default_is_ieee(kernels):
+    a = random_inputs(10, 4, torch.float32, 1)
+    with pytest.raises(ValueError, match="fp32_precision"):
+        kernels.accumulate_input_factor(torch.zeros(4, 4, device=DEVICE), a, None, fp32_precision="tf16")
+    with pytest.raises(ValueError, match="num_splits"):
+        kernels.accumulate_input_factor(torch.zeros(4, 4, device=DEVICE), a, None, num_splits=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Element offsets past 2³¹ (64-bit address arithmetic), under the interpreter
+# ---------------------------------------------------------------------------------------
+_WIDE_OFFSETS_PROBE = """
+import torch, kernel_checks as kc
+from lora_da.kernels import kfac_stats, kfac_stats_triton as kernels
+try:
+    storage = kc.wide_storage(3, 64, torch.bfloat16)
+except RuntimeError as error:
+    print(error); raise SystemExit(3)
+a = kc.wide_rows(storage, 3, 40, 0, seed=1)       # token t at element t * (2**30 + 64)
+g = kc.wide_rows(storage, 3, 24, 40, seed=2)      # interleaved with a, same storage
+assert storage.numel() > 2**31 and a.stride(0) * 2 > 2**31
+m = torch.tensor([1.0, 0.0, 1.0])
+for splits in (1, 2):
+    z, y, grad = torch.zeros(40, 40), torch.zeros(24), torch.zeros(24, 40)
+    kernels.accumulate_input_factor(z, a, m, num_splits=splits)
+    kernels.finalize_input_factor(z)
+    kernels.accumulate_output_statistics(y, grad, g, a, m, num_splits=splits)
+    a64, g64 = a.double(), g.double()
+    z_expected, y_expected, g_expected = torch.zeros(40, 40, dtype=torch.float64), torch.zeros(24, dtype=torch.float64), torch.zeros(24, 40, dtype=torch.float64)
+    kfac_stats.accumulate_input_factor(z_expected, a64, m.double())
+    kfac_stats.accumulate_output_statistics(y_expected, g_expected, g64, a64, m.double())
+    # 3 tokens: bf16 products exact in fp32, <= 4 roundings
+    for got, expected, magnitude, name in (
+        (z, z_expected, a64.abs().T @ a64.abs(), "Z"), (y, y_expected, (g64 * g64).sum(0), "y"),
+        (grad, g_expected, g64.abs().T @ a64.abs(), "G"),
+    ):
+        kc.assert_within(got, expected, kc.gamma(4) * magnitude, f"{name} with offsets past 2^31 ({splits} splits)")
+print("ok")
+"""
+
+
+def test_offsets_past_int32_range(kernels):
+    """Tokens 2³⁰ + 64 elements apart: token 2's offset is past 2³¹. int32 offsets wrap to
+    an address before the storage (a crash in the child) or to other data (a wrong sum)."""
+    assert "ok" in run_isolated(_WIDE_OFFSETS_PROBE)
+
+
+@pytest.mark.cuda
+def test_cuda_split_tokens_deterministic(kernels):
+    """d = 576 and 20000 tokens: the default policy splits (15 upper tiles of 128); the
+    result is within the float64 bound and bitwise the same on a second run."""
+    num_tokens, d_in, d_out = 20000, 576, 576
+    splits = triton_launch.token_splits(num_tokens, 15, d_in * d_in)
+    assert splits.count > 1
+    a = random_inputs(num_tokens, d_in, torch.bfloat16, 4, device="cuda")
+    g = random_inputs(num_tokens, d_out, torch.bfloat16, 5, scale=1e-3, device="cuda")
+    m = token_mask(num_tokens, "holes", 6, device="cuda")
+    runs = []
+    for _ in range(2):
+        z, y, grad = torch.zeros(d_in, d_in, device="cuda"), torch.zeros(d_out, device="cuda"), torch.zeros(d_out, d_in, device="cuda")
+        kernels.accumulate_input_factor(z, a, m)
+        kernels.finalize_input_factor(z)
+        kernels.accumulate_output_statistics(y, grad, g, a, m)
+        runs.append((z, y, grad))
+    assert all(torch.equal(first, second) for first, second in zip(*runs))
+    z, y, grad = runs[0]
+    a64, g64, m64 = a.double(), g.double(), m.double()
+    bound = gamma(num_tokens + 2)
+    assert_within(z, (a64 * m64[:, None]).T @ a64, bound * ((a64.abs() * m64[:, None]).T @ a64.abs()), "Z split cuda")
+    assert_within(y, (g64 * g64 * m64[:, None]).sum(0), bound * (g64 * g64 * m64[:, None]).sum(0), "y split cuda")
+    assert_within(grad, g64.T @ a64, bound * (g64.abs().T @ a64.abs()), "G split cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_fp32_precision_tf32x3_bound(kernels):
+    """``fp32_precision="tf32x3"``: each product from three TF32 products (hi·hi + hi·lo +
+    lo·hi, each exact in fp32), missing lo·lo and the residues: ≤ 3.1·2⁻²² relative per
+    product, plus three fp32 additions per product: (2⁻²⁰ + γ_{3T+2}) x Σ|a||a|. The
+    default ``"ieee"`` meets the tighter γ_{T+2}."""
+    num_tokens, d_in = 3000, 300
+    a = random_inputs(num_tokens, d_in, torch.float32, 7, device="cuda")
+    a64 = a.double()
+    magnitude = a64.abs().T @ a64.abs()
+    for precision, bound in (("ieee", gamma(num_tokens + 2)), ("tf32x3", 2.0**-20 + gamma(3 * num_tokens + 2))):
+        z = torch.zeros(d_in, d_in, device="cuda")
+        kernels.accumulate_input_factor(z, a, None, fp32_precision=precision)
+        kernels.finalize_input_factor(z)
+        assert_within(z, a64.T @ a64, bound * magnitude, f"Z fp32 {precision}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import DEVICE, INTERPRETING, assert_within, gamma, import_triton_module
+from kernel_checks import DEVICE, INTERPRETING, assert_within, gamma, import_triton_module, run_isolated
 
 from lora_da.kernels import omega, triton_launch
 
@@ -150,3 +150,27 @@ def test_cuda_guidance_matrices(kernel, dtype):
     weight = torch.rand(batch, generator=generator, dtype=torch.float64)
     got = kernel.guidance_matrices(delta.cuda(), zinv.cuda(), sigma.cuda(), weight.cuda(), 1.0)
     check_against_reference(got, delta.double(), zinv, sigma, weight, 1.0, dtype, "Ω cuda")
+
+
+_WIDE_OFFSETS_PROBE = """
+import torch, kernel_checks as kc, test_kernels_omega as t
+from lora_da.kernels import omega_triton
+batch, d_in, d_out = 3, 37, 21
+try:
+    storage = kc.wide_storage(batch, d_in * d_out, torch.float32)
+except RuntimeError as error:
+    print(error); raise SystemExit(3)
+# module b's Δ starts at element b * (2**30 + 64): module 2 is past 2^31
+rows = kc.wide_rows(storage, batch, d_in * d_out, 0, seed=5)
+delta = rows.as_strided((batch, d_in, d_out), (kc.WIDE_STRIDE, d_out, 1))
+_, zinv, sigma, weight = t.random_problem(batch, d_in, d_out, seed=6)
+got = omega_triton.guidance_matrices(delta, zinv, sigma, weight, 0.8)
+t.check_against_reference(got, delta.double(), zinv, sigma, weight, 0.8, torch.float32, "Ω with offsets past 2^31")
+print("ok")
+"""
+
+
+def test_offsets_past_int32_range(kernel):
+    """Modules 2³⁰ + 64 elements apart: module 2's Δ is past 2³¹ (int32 offsets crash the
+    child or read other data)."""
+    assert "ok" in run_isolated(_WIDE_OFFSETS_PROBE)
