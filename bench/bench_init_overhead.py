@@ -278,6 +278,9 @@ def main(argv=None) -> None:
             f"* baseline / floor: {baseline.timings['total'] / floor:.2f}x",
         ]
     print("\n".join(lines), flush=True)  # the timings, before the (long) oracle
+    if args.output:  # written now too, in case the oracle does not finish
+        with open(args.output, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
     if not args.skip_oracle:
         worst = oracle_angles(keep, ours, baseline, train_size)
