@@ -24,14 +24,20 @@ DEST="${1:-.whl}"
 VERSION="${DEVICE_PYTHON_VERSION:-3.12}"
 TAG="cp${VERSION/./}"
 
+runs_version() {  # whether "$1" is a working Python $VERSION (a pyenv shim may not be)
+  "$1" -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$VERSION'.split('.'))))" 2>/dev/null
+}
+
 find_python() {
-  if [ -n "${PYTHON312:-}" ]; then echo "$PYTHON312"; return; fi
-  if command -v "python$VERSION" >/dev/null; then command -v "python$VERSION"; return; fi
   local candidate
-  for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$VERSION"*/bin/python"$VERSION"; do
-    [ -x "$candidate" ] && { echo "$candidate"; return; }
+  for candidate in "${PYTHON312:-}" "$(command -v "python$VERSION" || true)" \
+      "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$VERSION"*/bin/python"$VERSION" \
+      "$(command -v uv >/dev/null && uv python find "$VERSION" 2>/dev/null || true)"; do
+    if [ -n "$candidate" ] && [ -x "$candidate" ] && runs_version "$candidate"; then
+      echo "$candidate"
+      return
+    fi
   done
-  if command -v uv >/dev/null && uv python find "$VERSION" 2>/dev/null; then return; fi
   echo "device_prepare.sh: no Python $VERSION found (set PYTHON312, or: pip install uv && uv python install $VERSION)" >&2
   return 1
 }
