@@ -38,7 +38,7 @@ find_python() {
       return
     fi
   done
-  echo "device_prepare.sh: no Python $VERSION found (set PYTHON312, or: pip install uv && uv python install $VERSION)" >&2
+  echo "device_prepare.sh: no Python $VERSION found (set PYTHON312 to one, e.g. a pyenv or uv build)" >&2
   return 1
 }
 
