@@ -19,7 +19,7 @@ One process, one run, same model, data and hyper-parameters for all three:
 Compilation is not timed: before the timed runs, ``initialize()`` and the
 baseline each run once on the first ``--warmup-batches`` batches (same batch
 shape, so the same kernels, autotune keys and solver shapes): Triton's compile
-and autotune, cuBLAS/cuSOLVER handles and the allocator's first growth land
+and autotune, the first loading of cuBLAS/cuSOLVER and the allocator's first growth land
 there. The warm-up's own time is reported on its own row, with the compile time
 it implies (warm-up statistics accumulation minus the timed run's per-batch share).
 
