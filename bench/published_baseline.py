@@ -67,9 +67,12 @@ def _gradient_pass(model: nn.Module, loader: List[dict], modules: Dict[str, nn.M
 
 
 def _factor_pass(model: nn.Module, loader: List[dict], modules: Dict[str, nn.Module], token_mask: str):
-    """One forward+backward over the data for ``modules``: Σ a aᵀ and Σ g ⊙ g per module."""
-    input_sums = {name: torch.zeros(m.in_features, m.in_features) for name, m in modules.items()}
-    output_sums = {name: torch.zeros(m.out_features) for name, m in modules.items()}
+    """One forward+backward over the data for ``modules``: Σ a aᵀ and Σ g ⊙ g per module,
+    accumulated in fp32 on each module's own device (that of its weight)."""
+    input_sums = {
+        name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in modules.items()
+    }
+    output_sums = {name: torch.zeros(m.out_features, device=m.weight.device) for name, m in modules.items()}
     inputs: Dict[str, torch.Tensor] = {}
     current_mask: List[torch.Tensor] = []
     handles = []
@@ -99,8 +102,8 @@ def _factor_pass(model: nn.Module, loader: List[dict], modules: Dict[str, nn.Mod
             batch = as_causal_lm_batch(batch)
             mask = token_mask_for(batch, token_mask)
             if mask is None:
-                mask = torch.ones(batch["input_ids"].shape, dtype=torch.bool)
-            current_mask[:] = [mask.bool()]
+                mask = torch.ones(batch["input_ids"].shape, dtype=torch.bool, device=batch["input_ids"].device)
+            current_mask[:] = [mask.bool().to(batch["input_ids"].device)]
             num_tokens += int(mask.sum())
             losses = causal_lm_per_sample_loss(model, batch)
             losses.sum().backward()
@@ -157,13 +160,15 @@ def published_initialize(
         model.train(was_training)
 
     prep_seconds = solve_seconds = 0.0
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    # torch.lobpcg draws its start block from the global generator of Ω's device: seed it, and
+    # leave the caller's generators (CPU, and the CUDA device's) as they were
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
         for name in modules:
             with Timer(device) as timer:
                 d_in = input_sums[name].shape[0]
-                input_factor = input_sums[name].double() / num_tokens + damping * torch.eye(d_in, dtype=torch.float64)
+                eye = torch.eye(d_in, dtype=torch.float64, device=input_sums[name].device)
+                input_factor = input_sums[name].double() / num_tokens + damping * eye
                 input_factor_inverse = torch.linalg.inv(input_factor)  # explicit Z⁻¹
                 inverse_output = 1.0 / (output_sums[name].double() / num_tokens + damping)
                 gradient = gradients[name].double()
@@ -184,8 +189,6 @@ def published_initialize(
             result.lora_A[name] = lora_a0.T / math.sqrt(gamma)
             result.lora_B[name] = lora_b0.T / math.sqrt(gamma)
             result.guidance[name] = guidance
-    finally:
-        torch.random.set_rng_state(generator_state)
     result.timings["factor prep"] = prep_seconds
     result.timings["solve"] = solve_seconds
     result.timings["total"] = sum(result.timings.values())

@@ -29,6 +29,8 @@
 
 namespace py = pybind11;
 
+void register_build_info(py::module_& m);  // csrc/build_info.cpp
+
 namespace {
 
 // The largest size the LP64 BLAS/LAPACK, cuBLAS and cuSOLVER interfaces take.
@@ -508,25 +510,7 @@ py::dict solve_guidance(GuidanceRequest r) {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "lora-da compiled core";
-  m.def(
-      "build_info",
-      []() {
-        py::dict info;
-        info["version"] = std::string(LORA_DA_VERSION);
-        info["compiler"] = std::string(
-#if defined(__clang__)
-            "clang " __clang_version__
-#elif defined(__GNUC__)
-            "gcc " __VERSION__
-#else
-            "unknown"
-#endif
-        );
-        info["cuda"] = lora_da_cuda_compiled() != 0;
-        info["blas"] = std::string("scipy-openblas32");
-        return info;
-      },
-      "How this build of lora_da._core was configured.");
+  register_build_info(m);  // csrc/build_info.cpp
 
   bind_request(m, dense_fields(),
                "A batched LOBPCG solve on dense symmetric matrices, every field by name (keywords only). "

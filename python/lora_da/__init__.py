@@ -5,7 +5,7 @@
 >>> init.apply(peft_model)            # or init.save_pretrained("adapter/")
 """
 
-from ._native import core
+from ._native import build_info
 from .api import initialize, initialize_from_config
 from .config import LoraDAConfig
 from .result import LoraInit, ModuleInit
@@ -25,8 +25,3 @@ __all__ = [
     "build_info",
     "__version__",
 ]
-
-
-def build_info() -> dict:
-    """How the compiled core ``lora_da._core`` was built."""
-    return dict(core().build_info())
