@@ -88,7 +88,7 @@ def test_mismatched_or_corrupt_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match="corrupt"):
         run(str(path), llama_data())
     path.write_bytes(bytes(data[:-7]))  # truncated
-    with pytest.raises(ValueError, match="cannot be read as a lora-da-statistics/2 checkpoint"):
+    with pytest.raises(ValueError, match="cannot be read as a lora-da-statistics/3 checkpoint"):
         run(str(path), llama_data())
 
 
@@ -124,8 +124,8 @@ def test_a_pickle_is_refused_unread_and_runs_no_code(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"", "cannot be read as a lora-da-statistics/2 checkpoint"),
-        (b"some notes, not a checkpoint\n", "cannot be read as a lora-da-statistics/2 checkpoint"),
+        (b"", "cannot be read as a lora-da-statistics/3 checkpoint"),
+        (b"some notes, not a checkpoint\n", "cannot be read as a lora-da-statistics/3 checkpoint"),
         ("safetensors", "is a safetensors file without a lora-da header"),
     ],
 )
@@ -251,7 +251,7 @@ def test_the_documented_digest_is_the_one_written(tmp_path):
     path = tmp_path / "stats.ckpt"
     run(str(path), llama_data()[:2])
     header, tensors = read_checkpoint(path)
-    assert header["format"] == "lora-da-statistics/2" and header["counts"]["num_batches"] == 2
+    assert header["format"] == "lora-da-statistics/3" and header["counts"]["num_batches"] == 2
     assert full_digest(header, tensors) == header["sha256"]
 
 
