@@ -1,0 +1,105 @@
+"""The statistics pass under activation checkpointing (lora_da/activation_checkpointing.py and
+the collector's recomputation path): with transformers' checkpointing on, reentrant or not, the
+layers really are recomputed during the backward, the factors equal those without
+checkpointing, dropout stays off and the model is left exactly as found.
+
+Tolerance: float64 models; the checkpointed pass recomputes the same operations on the same
+inputs (the anchor adds an exact zero), so G, Z and y agree to 1e-12 relative (in practice
+bitwise); an extra count of a recomputed forward would double Z (error 1), dropout left on
+would change everything by O(1).
+"""
+
+import pytest
+import torch
+
+import lora_da
+from lora_da.models import batches, synthetic_samples, tiny_llama
+from lora_da.targets import find_target_modules
+
+pytest.importorskip("transformers")
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:train_size not given"),
+    pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated"),
+]
+
+TOL = 1e-12
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def dropout_llama():
+    """A float64 tiny Llama whose attention dropout would be on in training mode."""
+    model = tiny_llama(dtype=torch.float64, num_layers=3)
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    return model
+
+
+def data():
+    return list(batches(synthetic_samples(6, seed=4), 3))
+
+
+def snapshot(model):
+    return (
+        [(n, m.training, getattr(m, "gradient_checkpointing", None)) for n, m in model.named_modules()],
+        [(n, p.requires_grad, p.grad is None) for n, p in model.named_parameters()],
+        [(n, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for n, m in model.named_modules()],
+    )
+
+
+def test_checkpointed_layers_really_checkpoint_in_training_mode():
+    """The premise: transformers recomputes a checkpointed layer only in training mode, which
+    the old pass (eval mode) skipped silently."""
+    model = dropout_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(torch.is_grad_enabled()))
+    modules = find_target_modules(model, None, rank=2)
+    lora_da.collect_statistics(model, data(), modules)
+    assert len(calls) == 2 * 2  # 2 batches, each: the forward and the backward's recomputation
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_checkpointed_pass_gives_the_factors_of_the_plain_pass(reentrant, train_mode):
+    loader = data()
+    plain = dropout_llama()
+    reference = lora_da.collect_statistics(plain, loader, find_target_modules(plain, None, rank=2))
+
+    model = dropout_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train(train_mode)
+    before = snapshot(model)
+    calls = []
+    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda *a: calls.append(1))
+    before = snapshot(model)
+    stats = lora_da.collect_statistics(model, loader, find_target_modules(model, None, rank=2))
+    assert snapshot(model) == before  # flags, checkpointing, hooks, requires_grad, no .grad
+    assert len(calls) == 2 * len(loader)  # the layer was recomputed in each backward
+    assert stats.num_tokens == reference.num_tokens and stats.num_samples == reference.num_samples
+    for name in reference.modules:
+        assert stats.modules[name].num_tokens == reference.modules[name].num_tokens, name
+        assert rel(stats.input_factor(name), reference.input_factor(name)) < TOL, name
+        assert rel(stats.output_factor_diag(name), reference.output_factor_diag(name)) < TOL, name
+        assert rel(stats.gradient(name), reference.gradient(name)) < TOL, name
+
+
+def test_initialize_under_checkpointing_matches_and_keeps_targets_outside_the_layers():
+    """lm_head (outside every checkpointed layer) keeps its input from the forward; the layers'
+    targets get theirs from the recomputation; the LoRA factors agree."""
+    loader = data()
+    plain = dropout_llama()
+    targets = ["q_proj", "down_proj", "lm_head"]
+    reference = lora_da.initialize(plain, loader, rank=2, target_modules=targets, progress=False, solver="eigh")
+    model = dropout_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    init = lora_da.initialize(model, loader, rank=2, target_modules=targets, progress=False, solver="eigh")
+    assert set(init.modules) == set(reference.modules) and "lm_head" in init.modules
+    for name, want in reference.modules.items():
+        got = init.modules[name]
+        assert rel(got.lora_A.double(), want.lora_A.double()) < 1e-6, name  # float32 factors
+        assert rel(got.lora_B.double(), want.lora_B.double()) < 1e-6, name
