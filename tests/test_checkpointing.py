@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import lora_da
+from lora_da import statistics_pass
+from lora_da.losses import causal_lm_per_sample_loss
 from lora_da.models import batches, synthetic_samples, tiny_llama
 from lora_da.targets import find_target_modules
 
@@ -103,3 +105,31 @@ def test_initialize_under_checkpointing_matches_and_keeps_targets_outside_the_la
         got = init.modules[name]
         assert rel(got.lora_A.double(), want.lora_A.double()) < 1e-6, name  # float32 factors
         assert rel(got.lora_B.double(), want.lora_B.double()) < 1e-6, name
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_forward_keeps_no_input_of_a_checkpointed_layer(monkeypatch, checkpointing):
+    """What saves the memory: after the forward, the collector holds the inputs (for G) of the
+    targets outside checkpointed layers only (here lm_head); without checkpointing, of all."""
+    collectors = []
+
+    class Recording(statistics_pass.Collector):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            collectors.append(self)
+
+    monkeypatch.setattr(statistics_pass, "Collector", Recording)
+    held = []
+
+    def loss_fn(model, batch):
+        losses = causal_lm_per_sample_loss(model, batch)
+        held.append(sorted(collectors[-1].rows_of))  # the forward is done, the backward not begun
+        return losses
+
+    model = dropout_llama()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    modules = find_target_modules(model, ["q_proj", "down_proj", "lm_head"], rank=2)
+    lora_da.collect_statistics(model, data(), modules, loss_fn=loss_fn)
+    expected = ["lm_head"] if checkpointing else sorted(modules)
+    assert held == [expected] * 2
