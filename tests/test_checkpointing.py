@@ -20,6 +20,8 @@ from lora_da.targets import find_target_modules
 
 pytest.importorskip("transformers")
 
+from test_module_tokens import t5_batches, tiny_t5  # noqa: E402
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:train_size not given"),
     pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated"),
@@ -133,3 +135,23 @@ def test_the_forward_keeps_no_input_of_a_checkpointed_layer(monkeypatch, checkpo
     lora_da.collect_statistics(model, data(), modules, loss_fn=loss_fn)
     expected = ["lm_head"] if checkpointing else sorted(modules)
     assert held == [expected] * 2
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_t5_keeps_each_modules_own_tokens(reentrant):
+    """Encoder and decoder blocks checkpointed, cross-attention fed the encoder's output: the
+    per-module masks and counts of the first forward hold, the sums equal the plain pass's."""
+    loader = t5_batches(12, 5)
+    plain = tiny_t5()
+    reference = lora_da.collect_statistics(plain, loader, find_target_modules(plain, None, rank=2))
+    model = tiny_t5()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    calls = []
+    model.decoder.block[1].layer[1].EncDecAttention.k.register_forward_pre_hook(lambda *a: calls.append(1))
+    stats = lora_da.collect_statistics(model, loader, find_target_modules(model, None, rank=2))
+    assert len(calls) == 2 * len(loader)
+    for name in reference.modules:
+        assert stats.modules[name].num_tokens == reference.modules[name].num_tokens, name
+        assert rel(stats.input_factor(name), reference.input_factor(name)) < TOL, name
+        assert rel(stats.output_factor_diag(name), reference.output_factor_diag(name)) < TOL, name
+        assert rel(stats.gradient(name), reference.gradient(name)) < TOL, name
