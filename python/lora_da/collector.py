@@ -338,7 +338,8 @@ class Collector:
         key = _tensor_key(inputs) + (None if mask is None else id(mask),)
         live = self.live_by_key.get(key)
         if live is not None and live.rows is None and live.ref() is None:
-            live = None  # that input is gone: this one only reuses its address
+            if not any(member in self.rows_of for member in live.members):
+                live = None  # nothing holds that input any more: this one only reuses its address
         if live is not None:
             return live
         group_index = self.group_of.get(name)
