@@ -1,6 +1,6 @@
 """Activation memory of the statistics pass with and without activation checkpointing (CPU).
 
-    python bench/bench_checkpointing.py [--layers 8] [--seq 2048] [--batch 4] [--hidden 128] [--out FILE]
+    python bench/bench_checkpointing.py [--layers 8] [--seq 2048] [--batch 2] [--hidden 128] [--out FILE]
 
 A tiny random Llama whose activations dominate (8 layers x 2048 tokens, hidden 128,
 intermediate 512, vocab 256: 10 MB of weights). Every case runs in a fresh process
@@ -106,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--out", default=None)
