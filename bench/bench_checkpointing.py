@@ -23,10 +23,12 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import markdown_table  # noqa: E402
@@ -73,21 +75,21 @@ def child(case: str, args) -> dict:
         stats = lora_da.collect_statistics(model, loader, find_target_modules(model, None, rank=2))
         result["statistics_mib"] = stats.nbytes() / 2**20
         if args.compare is not None:
-            reference = torch.load(args.compare)  # our own file, written by the plain case
+            reference = load_file(args.compare)  # written by the plain case
             worst = 0.0
-            for name in reference:
+            for name in stats.modules:
                 for key, value in (
                     ("Z", stats.input_factor(name)), ("y", stats.output_factor_diag(name)), ("G", stats.gradient(name))
                 ):
-                    want = reference[name][key]
+                    want = reference[f"{name}/{key}"]
                     worst = max(worst, float((value - want).norm() / want.norm()))
             result["max_rel_err"] = worst
         if args.save is not None:
-            torch.save(
-                {n: {"Z": stats.input_factor(n), "y": stats.output_factor_diag(n), "G": stats.gradient(n)}
-                 for n in stats.modules},
-                args.save,
-            )
+            tensors = {}
+            for n in stats.modules:
+                tensors.update({f"{n}/Z": stats.input_factor(n), f"{n}/y": stats.output_factor_diag(n),
+                                f"{n}/G": stats.gradient(n)})
+            save_file({k: v.contiguous() for k, v in tensors.items()}, args.save)
     result["seconds"] = time.perf_counter() - start
     result["rss_before_mib"] = before
     result["peak_rss_mib"] = rss_mib()
@@ -117,10 +119,8 @@ def main() -> None:
     if args.child is not None:
         print(json.dumps(child(args.child, args)))
         return
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
-        reference = os.path.join(tmp, "plain.pt")
+        reference = os.path.join(tmp, "plain.safetensors")
         results = []
         for case in CASES:
             extra = []
