@@ -155,3 +155,48 @@ def test_checkpointed_t5_keeps_each_modules_own_tokens(reentrant):
         assert rel(stats.input_factor(name), reference.input_factor(name)) < TOL, name
         assert rel(stats.output_factor_diag(name), reference.output_factor_diag(name)) < TOL, name
         assert rel(stats.gradient(name), reference.gradient(name)) < TOL, name
+
+
+class _SelfCheckpointed(torch.nn.Module):
+    """A model that checkpoints its blocks in its own code (not transformers' layers), in any mode."""
+
+    def __init__(self, checkpointing):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6)) for _ in range(2)
+        )
+        self.checkpointing = checkpointing
+        self.double()
+
+    def forward(self, x):
+        for block in self.blocks:
+            if self.checkpointing:
+                x = x + torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = x + block(x)
+        return x
+
+
+def test_a_model_checkpointing_in_its_own_code_non_reentrant_gives_the_plain_sums():
+    """Not recognized as checkpointed: its inputs are kept from the first forward (no saving),
+    the recomputation is ignored, the sums equal the plain model's."""
+    g = torch.Generator().manual_seed(5)
+    loader = [{"x": torch.randn(3, 4, 6, generator=g, dtype=torch.float64)} for _ in range(2)]
+
+    def loss_fn(model, batch):
+        return (model(batch["x"]) ** 2).sum(dim=(1, 2))
+
+    results = []
+    for checkpointing in (False, True):
+        model = _SelfCheckpointed(checkpointing)
+        modules = {f"blocks.{i}.{j}": model.blocks[i][j] for i in range(2) for j in (0, 2)}
+        calls = []
+        model.blocks[1][0].register_forward_hook(lambda *a: calls.append(1))
+        results.append(lora_da.collect_statistics(model, loader, modules, loss_fn=loss_fn, token_mask="all"))
+        assert len(calls) == (2 if checkpointing else 1) * len(loader)
+    plain, checkpointed = results
+    for name in plain.modules:
+        assert rel(checkpointed.input_factor(name), plain.input_factor(name)) < TOL, name
+        assert rel(checkpointed.output_factor_diag(name), plain.output_factor_diag(name)) < TOL, name
+        assert rel(checkpointed.gradient(name), plain.gradient(name)) < TOL, name

@@ -373,16 +373,18 @@ class Collector:
     def _on_recompute(self, name: str, inputs: torch.Tensor, output: torch.Tensor, d_in: int, d_out: int):
         """A forward during the backward: an activation checkpoint recomputing its layer. Its
         input counts nowhere a second time (``Z`` and the counts came from the first forward);
-        it is kept for ``G`` until the module's output gradient comes. Under reentrant
-        checkpointing the gradient hook is added here (the first forward ran without gradients)."""
-        if name not in self.live_by_module or name in self.gradients_seen:
+        it is kept for ``G`` until the module's output gradient comes. The output gets the
+        anchor again, so that the recomputed graph saves what the first one saved; under
+        reentrant checkpointing (the first forward ran without gradients) the gradient hook
+        is added here."""
+        if name not in self.live_by_module or not torch.is_grad_enabled():
             return None
-        if name not in self.rows_of:
+        if name not in self.gradients_seen and name not in self.rows_of:
             self.rows_of[name] = inputs.detach().reshape(-1, d_in)
             self._accumulate_output(name, d_out)
-        if name not in self.hooked and output.requires_grad:
+        if name not in self.hooked:
             return self._anchored(name, output, d_out)
-        return None
+        return output + self.anchor.to(output.dtype)
 
     def _record_output(self, name: str, output: torch.Tensor) -> None:
         """Write the sum of ``output`` into its forward-order slot of ``output_sums``
