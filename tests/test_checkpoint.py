@@ -88,7 +88,7 @@ def test_mismatched_or_corrupt_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match="corrupt"):
         run(str(path), llama_data())
     path.write_bytes(bytes(data[:-7]))  # truncated
-    with pytest.raises(ValueError, match="cannot be read as a lora-da-statistics/2 checkpoint"):
+    with pytest.raises(ValueError, match="cannot be read as a lora-da-statistics/3 checkpoint"):
         run(str(path), llama_data())
 
 
@@ -124,8 +124,8 @@ def test_a_pickle_is_refused_unread_and_runs_no_code(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"", "cannot be read as a lora-da-statistics/2 checkpoint"),
-        (b"some notes, not a checkpoint\n", "cannot be read as a lora-da-statistics/2 checkpoint"),
+        (b"", "cannot be read as a lora-da-statistics/3 checkpoint"),
+        (b"some notes, not a checkpoint\n", "cannot be read as a lora-da-statistics/3 checkpoint"),
         ("safetensors", "is a safetensors file without a lora-da header"),
     ],
 )
@@ -224,6 +224,9 @@ def _set(tensors, key, value):
         (lambda h, t: h["modules"].pop(), "does not list every target module exactly once"),
         (lambda h, t: h["modules"][0].update(group=1), "with group 1, but input groups list it in 0"),
         (lambda h, t: h["groups"][0]["members"].append("lm_head"), "'lm_head', not a target module"),
+        (lambda h, t: h["groups"][0].update(num_tokens=-3), r"input group 0 with num_tokens=-3, expected a non-negative"),
+        (lambda h, t: h["groups"][1].pop("num_tokens"), r"input group 1 = .*expected \{'members': \[names\], 'num_tokens'"),
+        (lambda h, t: h["modules"][2].update(num_tokens=1.5), r"module '.*' with num_tokens=1\.5, expected a non-negative"),
         (lambda h, t: _set(t, "Z.0", t["Z.0"][:-1]), r"tensor 'Z\.0' of shape \[31, 32\], expected \[32, 32\]"),
         (lambda h, t: _set(t, "G.0", t["G.0"].float()), r"tensor 'G\.0' of another dtype"),
         (lambda h, t: _set(t, "Z.0", t["Z.0"].long()), "dtype I64, expected F32 or F64"),
@@ -251,7 +254,7 @@ def test_the_documented_digest_is_the_one_written(tmp_path):
     path = tmp_path / "stats.ckpt"
     run(str(path), llama_data()[:2])
     header, tensors = read_checkpoint(path)
-    assert header["format"] == "lora-da-statistics/2" and header["counts"]["num_batches"] == 2
+    assert header["format"] == "lora-da-statistics/3" and header["counts"]["num_batches"] == 2
     assert full_digest(header, tensors) == header["sha256"]
 
 

@@ -6,12 +6,14 @@ the same arguments loads the file, skips the batches it already holds (the
 loader must yield the same batches in the same order) and goes on from there;
 a finished pass is not run again.
 
-File format (``lora-da-statistics/2``): a safetensors file. Its tensors are the
+File format (``lora-da-statistics/3``): a safetensors file. Its tensors are the
 sums, ``Z.<g>`` (``Σ m a aᵀ`` of input group ``g``) and, after a full pass,
 ``G.<j>`` / ``y.<j>`` (gradient sum and output-factor diagonal of the ``j``-th
 module); its metadata holds one entry, ``lora_da``: a canonical JSON header
 ``{"format", "fingerprint", "counts", "forward_only", "groups", "modules",
-"sha256"}``. ``sha256`` is the SHA-256 of the canonical JSON of the header
+"sha256"}``; each group is ``{"members", "num_tokens"}`` and each module
+``{"name", "group", "num_tokens"}`` (its own token count, docs/math.md §2).
+``sha256`` is the SHA-256 of the canonical JSON of the header
 without ``sha256``, a NUL byte, then the bytes of every tensor in header order:
 it covers everything in the file but itself.
 
@@ -29,7 +31,8 @@ pickle: safetensors and JSON only; torch.save files are refused unread) and
 that every field is validated before use: the format; the fingerprint against
 this run's; counts are non-negative ints with ``skipped_batches <=
 num_batches``, and groups/modules are present exactly when a batch was
-processed; every target module appears once, in one input group whose members
+processed; every group's and module's ``num_tokens`` is a non-negative int;
+every target module appears once, in one input group whose members
 share its input dim; tensors are exactly the expected ones, float32/float64,
 shaped by the fingerprint's dims, a module's ``G`` and ``y`` of one dtype, and
 finite. Everything is loaded on the CPU and then moved to the model's device.
@@ -59,7 +62,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 
-FORMAT = "lora-da-statistics/2"
+FORMAT = "lora-da-statistics/3"
 _METADATA_KEY = "lora_da"
 _HEADER_KEYS = {"format", "fingerprint", "counts", "forward_only", "groups", "modules", "sha256"}
 _COUNTS = ("num_samples", "num_tokens", "num_batches", "skipped_batches", "skipped_samples")
@@ -273,9 +276,16 @@ class StatisticsCheckpoint:
         if modules:
             member_of: Dict[str, int] = {}
             for index, group in enumerate(groups):
-                members = group.get("members") if isinstance(group, dict) and set(group) == {"members"} else None
+                ok = isinstance(group, dict) and set(group) == {"members", "num_tokens"}
+                members = group.get("members") if ok else None
                 if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
-                    raise self._refuse(f"has input group {index} = {group!r}, expected {{'members': [names]}}")
+                    raise self._refuse(
+                        f"has input group {index} = {group!r}, expected {{'members': [names], 'num_tokens': int}}"
+                    )
+                if not _is_count(group["num_tokens"]):
+                    raise self._refuse(
+                        f"has input group {index} with num_tokens={group['num_tokens']!r}, expected a non-negative int"
+                    )
                 for name in members:
                     if name not in dims:
                         raise self._refuse(f"has input group {index} with module '{name}', not a target module")
@@ -286,9 +296,15 @@ class StatisticsCheckpoint:
                     raise self._refuse(f"has input group {index} whose members {members} differ in input dim")
             names = []
             for j, module in enumerate(modules):
-                ok = isinstance(module, dict) and set(module) == {"name", "group"}
+                ok = isinstance(module, dict) and set(module) == {"name", "group", "num_tokens"}
                 if not ok or not isinstance(module["name"], str) or not _is_count(module["group"]):
-                    raise self._refuse(f"has module entry {j} = {module!r}, expected {{'name': str, 'group': int}}")
+                    raise self._refuse(
+                        f"has module entry {j} = {module!r}, expected {{'name': str, 'group': int, 'num_tokens': int}}"
+                    )
+                if not _is_count(module["num_tokens"]):
+                    raise self._refuse(
+                        f"has module '{module['name']}' with num_tokens={module['num_tokens']!r}, expected a non-negative int"
+                    )
                 if member_of.get(module["name"]) != module["group"]:
                     raise self._refuse(
                         f"has module '{module['name']}' with group {module['group']}, "
@@ -338,9 +354,9 @@ class StatisticsCheckpoint:
         z, rest = tensors[: len(groups)], tensors[len(groups) :]
         full = not header["forward_only"]
         return {
-            "groups": [(tuple(group["members"]), z[i]) for i, group in enumerate(groups)],
+            "groups": [(tuple(group["members"]), z[i], group["num_tokens"]) for i, group in enumerate(groups)],
             "modules": [
-                (m["name"], m["group"], rest[2 * j] if full else None, rest[2 * j + 1] if full else None)
+                (m["name"], m["group"], rest[2 * j] if full else None, rest[2 * j + 1] if full else None, m["num_tokens"])
                 for j, m in enumerate(modules)
             ],
             "counts": tuple(header["counts"][key] for key in _COUNTS),
@@ -358,11 +374,13 @@ class StatisticsCheckpoint:
         Tensors are streamed one at a time, each read once (hashed as it is written):
         the payload is never copied as a whole."""
         forward_only = bool(state["forward_only"])
-        groups = [{"members": list(members)} for members, _ in state["groups"]]
-        modules = [{"name": name, "group": int(index)} for name, index, _, _ in state["modules"]]
-        tensors = [z for _, z in state["groups"]]
+        groups = [{"members": list(members), "num_tokens": int(tokens)} for members, _, tokens in state["groups"]]
+        modules = [
+            {"name": name, "group": int(index), "num_tokens": int(tokens)} for name, index, _, _, tokens in state["modules"]
+        ]
+        tensors = [z for _, z, _ in state["groups"]]
         if not forward_only:
-            for _, _, g, y in state["modules"]:
+            for _, _, g, y, _ in state["modules"]:
                 tensors += [g, y]
         header = {
             "format": FORMAT,

@@ -7,7 +7,16 @@ gradient ``g`` during ``torch.autograd.grad(loss, anchor)``. All parameters have
 ``requires_grad`` switched off for the pass, so no weight gradient is computed
 and no ``param.grad`` is allocated; the anchor makes every target output part
 of the graph even when nothing upstream requires grad. Shared inputs are
-detected from the tensors themselves (same storage, shape, strides, version).
+detected from the tensors themselves (same storage, shape, strides, version, and
+the same token mask), while the tensor is alive.
+
+Each module's rows use its own token mask (:class:`lora_da.token_masks.ModuleMasks`)
+and add their mask-weighted count to its group's and its own ``num_tokens``. A
+module's ``G``/``y`` accumulation needs its input rows and its output gradient; it runs
+when the second of the two arrives. Without activation checkpointing the rows come
+from the forward, the gradient later; inside a checkpointed layer the first forward
+keeps nothing for ``G`` (only ``Z``), and the backward's recomputation of the layer
+gives the rows again (:meth:`Collector._on_recompute`), before or after the gradient.
 
 NaN/Inf is traced without extra host syncs: the forward hook writes the sum of
 each target's output into a small preallocated device tensor (a sum is finite
@@ -19,11 +28,10 @@ target, in forward order, whose input or output was non-finite.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
+import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -32,7 +40,8 @@ from torch import nn
 # there); CMakeLists.txt installs it into the wheel as the subpackage ``lora_da.kernels``.
 from .kernels.dispatch import TORCH_BACKEND, StatisticsBackend
 from .layers import linear_dims
-from .statistics import InputGroup, KFACStatistics, ModuleStatistics
+from .statistics import AccumulateClock, InputGroup, KFACStatistics, ModuleStatistics
+from .token_masks import ModuleMasks, RowMask
 
 
 def _accumulator_dtype(dtype: torch.dtype, backend: StatisticsBackend, statistic: str) -> torch.dtype:
@@ -47,48 +56,16 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
 
 
-class AccumulateClock:
-    """Time spent in the statistics accumulation inside the pass.
-
-    On CPU the work is synchronous: wall time around each call. On CUDA a pair
-    of events per call, read once at the end of the pass (one sync, no host
-    sync inside the pass).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.seconds = 0.0
-        self.events: List[tuple] = []
-
-    @contextlib.contextmanager
-    def measure(self):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.events.append((start, end))
-        else:
-            begin = time.perf_counter()
-            yield
-            self.seconds += time.perf_counter() - begin
-
-    def total(self) -> float:
-        if self.events:
-            torch.cuda.synchronize()
-            self.seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000.0
-            self.events.clear()
-        return self.seconds
-
-
 @dataclass
 class _LiveInput:
-    """One input tensor seen in the current batch, until its members' gradients arrive."""
+    """One input tensor seen in the current batch (with the mask its modules use)."""
 
-    rows: Optional[torch.Tensor]
+    rows: Optional[torch.Tensor]  # pinned only by a forward-only pass (sharing is detected by address)
     group_index: int
+    mask: Optional[RowMask]  # None: every row counts
+    count: int  # the mask-weighted rows of this input
+    ref: Any = None  # a weak reference to the input: a dead one means its address may be reused
     members: List[str] = field(default_factory=list)
-    pending: int = 0
 
 
 class Collector:
@@ -100,11 +77,17 @@ class Collector:
         backend: StatisticsBackend = TORCH_BACKEND,
         forward_only: bool = False,
         device: Optional[torch.device] = None,
+        masks: Optional[ModuleMasks] = None,
+        checkpointed: FrozenSet[str] = frozenset(),
     ):
         self.modules = modules
         self.backend = backend
         self.clock = AccumulateClock(device or torch.device("cpu"))
         self.forward_only = forward_only  # only Z: no anchor, no output-gradient hooks
+        self.masks = masks
+        # targets inside a checkpointed layer: their input is not kept by the first forward, the
+        # backward's recomputation gives it again (see _on_recompute)
+        self.checkpointed = frozenset(checkpointed)
         self.stats = KFACStatistics(modules={}, groups=[], has_gradients=not forward_only)
         self.group_of: Dict[str, int] = {}
         # per batch, the targets in the order they ran and the sums of their outputs
@@ -115,24 +98,24 @@ class Collector:
 
     # -- per-batch state ------------------------------------------------------------
     def _reset_batch(self) -> None:
-        self.token_weights: Optional[torch.Tensor] = None
-        self.expected_rows: Optional[int] = None
         self.anchor: Optional[torch.Tensor] = None
         self.active = False
+        self.in_backward = False  # forwards seen now are an activation checkpoint's recomputation
         self.live_by_key: Dict[tuple, _LiveInput] = {}
         self.live_by_module: Dict[str, _LiveInput] = {}
+        # per module, what its G/y accumulation waits for: the input rows and the output
+        # gradient, whichever comes second triggers it (under checkpointing either may be first)
+        self.rows_of: Dict[str, torch.Tensor] = {}
+        self.grad_of: Dict[str, torch.Tensor] = {}
+        self.hooked: set = set()  # gradient hook registered in this batch
         self.gradients_seen: set = set()
-        self.batch_rows: Optional[int] = None
+        self.batch_rows: Optional[int] = None  # the rows of the first target module run
+        self.batch_tokens: Optional[int] = None  # and its count (KFACStatistics.num_tokens)
 
-    def start_batch(
-        self, token_weights: Optional[torch.Tensor], device: torch.device, all_tokens_kept: bool = False
-    ) -> None:
-        """``all_tokens_kept``: the mask keeps every token, so the sums skip the
-        multiplication by the weights (the row count is still checked)."""
+    def start_batch(self, device: torch.device) -> None:
+        """Start a batch (the masks of ``self.masks`` already computed for it)."""
         self._reset_batch()
         self.forward_order = []
-        self.expected_rows = None if token_weights is None else token_weights.numel()
-        self.token_weights = None if all_tokens_kept else token_weights
         self.active = True
         if not self.forward_only:
             self.anchor = torch.zeros((), device=device, requires_grad=True)
@@ -217,7 +200,8 @@ class Collector:
         """The sums and counts, for a checkpoint (:mod:`lora_da.checkpoint`): only tensors,
         tuples/lists, str, int and bool, so that it is stored without pickle::
 
-            {"groups": [(members, Z_sum)], "modules": [(name, group_index, G_sum, y_sum)],
+            {"groups": [(members, Z_sum, num_tokens)],
+             "modules": [(name, group_index, G_sum, y_sum, num_tokens)],
              "counts": (num_samples, num_tokens, num_batches, skipped_batches, skipped_samples),
              "forward_only": bool}
 
@@ -225,9 +209,10 @@ class Collector:
         """
         st = self.stats
         return {
-            "groups": [(tuple(g.members), g.input_factor_sum) for g in st.groups],
+            "groups": [(tuple(g.members), g.input_factor_sum, int(g.num_tokens)) for g in st.groups],
             "modules": [
-                (m.name, int(m.group_index), m.grad_sum, m.output_factor_diag_sum) for m in st.modules.values()
+                (m.name, int(m.group_index), m.grad_sum, m.output_factor_diag_sum, int(m.num_tokens))
+                for m in st.modules.values()
             ],
             "counts": tuple(
                 int(c) for c in (st.num_samples, st.num_tokens, st.num_batches, st.skipped_batches, st.skipped_samples)
@@ -239,21 +224,28 @@ class Collector:
         """Go on from ``state`` (as :meth:`state` returns it, e.g. read back and validated by
         :meth:`lora_da.checkpoint.StatisticsCheckpoint.load`). ``ValueError`` when it names
         modules that are not this pass's targets."""
-        unknown = sorted({name for name, _, _, _ in state["modules"]} - set(self.modules))
+        unknown = sorted({entry[0] for entry in state["modules"]} - set(self.modules))
         if unknown:
             raise ValueError(f"saved statistics name modules that are not targets of this pass: {unknown[:5]}")
         st = self.stats
-        st.groups = [InputGroup(members=tuple(members), input_factor_sum=z) for members, z in state["groups"]]
+        st.groups = [
+            InputGroup(members=tuple(members), input_factor_sum=z, num_tokens=int(tokens))
+            for members, z, tokens in state["groups"]
+        ]
         st.modules = {
-            name: ModuleStatistics(name=name, group_index=index, grad_sum=g, output_factor_diag_sum=y)
-            for name, index, g, y in state["modules"]
+            name: ModuleStatistics(
+                name=name, group_index=index, grad_sum=g, output_factor_diag_sum=y, num_tokens=int(tokens)
+            )
+            for name, index, g, y, tokens in state["modules"]
         }
-        self.group_of = {name: index for name, index, _, _ in state["modules"]}
+        self.group_of = {entry[0]: entry[1] for entry in state["modules"]}
         (st.num_samples, st.num_tokens, st.num_batches, st.skipped_batches, st.skipped_samples) = state["counts"]
         self.forward_only = bool(state.get("forward_only", False))
         st.has_gradients = not self.forward_only
 
     def end_batch(self, batch_index: int) -> None:
+        """Check the batch (every target ran once, got its gradient, kept its input
+        sharing) and add its token counts to the groups and modules."""
         for name in self.modules:
             if name not in self.live_by_module:
                 raise RuntimeError(
@@ -261,11 +253,17 @@ class Collector:
                     "every target module must run once per forward pass"
                 )
             if name not in self.gradients_seen and not self.forward_only:
+                if name in self.grad_of:
+                    raise RuntimeError(
+                        f"target module '{name}' got its output gradient in batch {batch_index} but its input "
+                        "was not recomputed by the backward (activation checkpointing that does not re-run it?)"
+                    )
                 raise RuntimeError(
                     f"the loss does not depend on the output of target module '{name}' "
                     f"(no output gradient in batch {batch_index})"
                 )
-        for live in self.live_by_key.values():
+        lives = {id(live): live for live in self.live_by_module.values()}.values()
+        for live in lives:
             members = set(live.members)
             expected = set(self.stats.groups[live.group_index].members)
             if members != expected:
@@ -273,6 +271,14 @@ class Collector:
                     f"modules {sorted(members)} shared an input in batch {batch_index}, "
                     f"but {sorted(expected)} did in the first batch; input sharing must not change between batches"
                 )
+        for live in lives:
+            self.stats.groups[live.group_index].num_tokens += live.count
+            for name in live.members:
+                self.stats.modules[name].num_tokens += live.count
+        if self.batch_tokens is not None:
+            self.stats.num_tokens += self.batch_tokens
+        if self.masks is not None:
+            self.masks.warn_unmatched()
         self._reset_batch()
 
     # -- hooks ------------------------------------------------------------------------
@@ -286,50 +292,27 @@ class Collector:
         if not self.active:  # a forward outside our pass (should not happen)
             return None
         d_in, d_out = linear_dims(module)
+        inputs = args[0] if args else kwargs.get("input")
+        if self.in_backward:
+            return self._on_recompute(name, inputs, output, d_in, d_out)
         if name in self.live_by_module:
             raise RuntimeError(
                 f"target module '{name}' was called more than once in one forward pass "
-                "(weight sharing or activation checkpointing is not supported)"
+                "(weight sharing is not supported)"
             )
-        inputs = args[0] if args else kwargs.get("input")
         if not isinstance(inputs, torch.Tensor) or inputs.shape[-1] != d_in:
             shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
             raise ValueError(f"module '{name}' got input {shape}, expected last dimension {d_in}")
         if not inputs.is_floating_point():
             raise TypeError(f"module '{name}' got a {inputs.dtype} input; LoRA-DA needs floating-point activations")
         rows = inputs.numel() // d_in
-        if self.expected_rows is not None and rows != self.expected_rows:
-            raise ValueError(
-                f"module '{name}' got input of shape {tuple(inputs.shape)} ({rows} tokens) but the "
-                f"token mask has {self.expected_rows} entries; pass token_mask=None or a "
-                "callable that matches the module's inputs"
-            )
+        mask = self.masks.resolve(name, rows, inputs) if self.masks is not None else None
+        count = rows if mask is None else mask.kept
         if self.batch_rows is None:
-            self.batch_rows = rows
+            self.batch_rows, self.batch_tokens = rows, count
         self._record_output(name, output)
 
-        key = _tensor_key(inputs)
-        live = self.live_by_key.get(key)
-        if live is None:
-            group_index = self.group_of.get(name)
-            flat = inputs.detach().reshape(-1, d_in)
-            if group_index is None:  # first batch: a new group starts with this module
-                group_index = len(self.stats.groups)
-                dtype = _accumulator_dtype(inputs.dtype, self.backend, "input_factor")
-                self.stats.groups.append(
-                    InputGroup(
-                        members=(),
-                        input_factor_sum=torch.zeros(
-                            d_in, d_in, dtype=dtype, device=inputs.device
-                        ),
-                    )
-                )
-            with self.clock.measure():
-                self.backend.accumulate_input_factor(
-                    self.stats.groups[group_index].input_factor_sum, flat, self.token_weights
-                )
-            live = _LiveInput(rows=flat, group_index=group_index)
-            self.live_by_key[key] = live
+        live = self._live_input(name, inputs, mask, count, d_in)
         if name not in self.group_of:  # first batch: join the group of this input
             self.group_of[name] = live.group_index
             group = self.stats.groups[live.group_index]
@@ -346,11 +329,65 @@ class Collector:
         self.live_by_module[name] = live
         if self.forward_only:  # Z only; `live` keeps the input alive until the batch ends, so
             return None  # that its storage is not reused by another input (sharing is detected by address)
-        live.pending += 1
+        if not torch.is_grad_enabled():  # inside a reentrant activation checkpoint: the backward
+            return None  # recomputes this forward with gradients, and the gradient hook is added then
+        if name not in self.checkpointed:
+            self.rows_of[name] = inputs.detach().reshape(-1, d_in)
+        return self._anchored(name, output, d_out)
 
+    def _live_input(self, name: str, inputs: torch.Tensor, mask: Optional[RowMask], count: int, d_in: int) -> _LiveInput:
+        """The live input entry of ``inputs`` (shared with the modules fed the same tensor and
+        mask), ``Z`` accumulated when it is new."""
+        key = _tensor_key(inputs) + (None if mask is None else id(mask),)
+        live = self.live_by_key.get(key)
+        if live is not None and live.rows is None and live.ref() is None:
+            if not any(member in self.rows_of for member in live.members):
+                live = None  # nothing holds that input any more: this one only reuses its address
+        if live is not None:
+            return live
+        group_index = self.group_of.get(name)
+        flat = inputs.detach().reshape(-1, d_in)
+        if group_index is None:  # first batch: a new group starts with this module
+            group_index = len(self.stats.groups)
+            dtype = _accumulator_dtype(inputs.dtype, self.backend, "input_factor")
+            self.stats.groups.append(
+                InputGroup(members=(), input_factor_sum=torch.zeros(d_in, d_in, dtype=dtype, device=inputs.device))
+            )
+        with self.clock.measure():
+            self.backend.accumulate_input_factor(
+                self.stats.groups[group_index].input_factor_sum, flat, None if mask is None else mask.weights
+            )
+        live = _LiveInput(
+            rows=flat if self.forward_only else None,
+            group_index=group_index,
+            mask=mask,
+            count=count,
+            ref=weakref.ref(inputs),
+        )
+        self.live_by_key[key] = live
+        return live
+
+    def _anchored(self, name: str, output: torch.Tensor, d_out: int) -> torch.Tensor:
         anchored = output + self.anchor.to(output.dtype)
         anchored.register_hook(self._gradient_hook(name, d_out))
+        self.hooked.add(name)
         return anchored
+
+    def _on_recompute(self, name: str, inputs: torch.Tensor, output: torch.Tensor, d_in: int, d_out: int):
+        """A forward during the backward: an activation checkpoint recomputing its layer. Its
+        input counts nowhere a second time (``Z`` and the counts came from the first forward);
+        it is kept for ``G`` until the module's output gradient comes. The output gets the
+        anchor again, so that the recomputed graph saves what the first one saved; under
+        reentrant checkpointing (the first forward ran without gradients) the gradient hook
+        is added here."""
+        if name not in self.live_by_module or not torch.is_grad_enabled():
+            return None
+        if name not in self.gradients_seen and name not in self.rows_of:
+            self.rows_of[name] = inputs.detach().reshape(-1, d_in)
+            self._accumulate_output(name, d_out)
+        if name not in self.hooked:
+            return self._anchored(name, output, d_out)
+        return output + self.anchor.to(output.dtype)
 
     def _record_output(self, name: str, output: torch.Tensor) -> None:
         """Write the sum of ``output`` into its forward-order slot of ``output_sums``
@@ -375,19 +412,25 @@ class Collector:
 
     def _gradient_hook(self, name: str, out_features: int):
         def hook(grad: torch.Tensor) -> None:
-            live = self.live_by_module[name]
-            stats = self.stats.modules[name]
-            with self.clock.measure():
-                self.backend.accumulate_output_statistics(
-                    stats.output_factor_diag_sum,
-                    stats.grad_sum,
-                    grad.reshape(-1, out_features),
-                    live.rows,
-                    self.token_weights,
-                )
-            self.gradients_seen.add(name)
-            live.pending -= 1
-            if live.pending == 0:
-                live.rows = None  # release the activation as soon as its group is done
+            if name in self.gradients_seen or name in self.grad_of:
+                raise RuntimeError(f"target module '{name}' got two output gradients in one backward pass")
+            self.grad_of[name] = grad
+            self._accumulate_output(name, out_features)
 
         return hook
+
+    def _accumulate_output(self, name: str, out_features: int) -> None:
+        """``y`` and ``G`` of ``name`` once both its input rows and its output gradient are here."""
+        if name not in self.rows_of or name not in self.grad_of:
+            return
+        rows, grad = self.rows_of.pop(name), self.grad_of.pop(name)
+        stats, mask = self.stats.modules[name], self.live_by_module[name].mask
+        with self.clock.measure():
+            self.backend.accumulate_output_statistics(
+                stats.output_factor_diag_sum,
+                stats.grad_sum,
+                grad.reshape(-1, out_features),
+                rows,
+                None if mask is None else mask.weights,
+            )
+        self.gradients_seen.add(name)  # the rows are released: only the other members may hold them

@@ -7,7 +7,8 @@ rank with that rank's share of the data (e.g. a ``DistributedSampler`` loader):
    rank's activations);
 2. the ranks agree on the shared-input groups (a rank whose share was empty
    takes them from the others) and all-reduce the sums — ``Z``'s upper
-   triangle only, ``y``, ``G`` and the token/sample counts — in buckets;
+   triangle only, ``y``, ``G`` and the token/sample counts (also every group's and
+   module's own token count) — in buckets;
 3. input groups are split between ranks by estimated solve cost (longest
    processing time first), each rank solves its share;
 4. every rank owning results broadcasts them (or sends them to ``gather_to``).
@@ -152,15 +153,21 @@ def _all_reduce_bucketed(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
 def all_reduce_statistics(stats: KFACStatistics) -> None:
     """Sum the statistics of all ranks in place (Z's upper triangle only)."""
     device = stats.groups[0].input_factor_sum.device
+    modules = list(stats.modules.values())
     counts = torch.tensor(
-        [stats.num_samples, stats.num_tokens, stats.num_batches, stats.skipped_batches, stats.skipped_samples],
+        [stats.num_samples, stats.num_tokens, stats.num_batches, stats.skipped_batches, stats.skipped_samples]
+        + [group.num_tokens for group in stats.groups]
+        + [module.num_tokens for module in modules],
         dtype=torch.int64,
         device=device,
     )
     dist.all_reduce(counts)
-    (stats.num_samples, stats.num_tokens, stats.num_batches, stats.skipped_batches, stats.skipped_samples) = (
-        int(v) for v in counts.tolist()
-    )
+    values = [int(v) for v in counts.tolist()]
+    (stats.num_samples, stats.num_tokens, stats.num_batches, stats.skipped_batches, stats.skipped_samples) = values[:5]
+    for group, value in zip(stats.groups, values[5 : 5 + len(stats.groups)]):
+        group.num_tokens = value
+    for module, value in zip(modules, values[5 + len(stats.groups) :]):
+        module.num_tokens = value
     upper_masks: Dict[Tuple[int, torch.device], torch.Tensor] = {}
     flat: List[torch.Tensor] = []
     for group in stats.groups:

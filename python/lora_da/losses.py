@@ -24,9 +24,9 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
 
 def token_mask_for(batch: Any, mode: Any) -> Optional[torch.Tensor]:
-    """The 0/1 mask (``batch x seq``) of the tokens that enter ``Z`` and ``y``.
-
-    ``None`` means every token counts.
+    """The batch's input token mask (``batch x seq``) of the tokens that enter ``Z`` and ``y``
+    (per module: :mod:`lora_da.token_masks`). ``None`` means every token counts.
+    ``mode``: ``"attention"``, ``"labels"``, ``"all"``/``None`` or a one-argument callable.
     """
     if callable(mode):
         mask = mode(batch)
@@ -66,6 +66,18 @@ def model_inputs(batch: Mapping) -> dict:
     return {key: value for key, value in batch.items() if key != "labels"}
 
 
+def forward_inputs(model: nn.Module, batch: Mapping) -> dict:
+    """:func:`model_inputs`, plus for an encoder-decoder model given ``labels`` but no
+    ``decoder_input_ids`` the decoder inputs its own ``prepare_decoder_input_ids_from_labels``
+    makes (the labels shifted right, as when the model is given ``labels``)."""
+    inputs = model_inputs(batch)
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if _is_encoder_decoder(model) and "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
+        if callable(prepare) and batch.get("labels") is not None:
+            inputs["decoder_input_ids"] = prepare(labels=batch["labels"])
+    return inputs
+
+
 def logits_of(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -77,8 +89,23 @@ def logits_of(output: Any) -> torch.Tensor:
     return logits
 
 
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def loss_labels(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The label each logit position predicts: the next one in a causal LM (shifted,
+    the last position predicts nothing), the same position in an encoder-decoder
+    (``config.is_encoder_decoder``: the decoder's logits are aligned with ``labels``)."""
+    if _is_encoder_decoder(model):
+        return labels
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def causal_lm_per_sample_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Each sample's mean next-token cross-entropy (labels shifted, -100 ignored).
+    """Each sample's mean next-token cross-entropy (labels shifted, -100 ignored); for an
+    encoder-decoder model (``config.is_encoder_decoder``), the decoder's cross-entropy
+    against ``labels`` as they are (:func:`loss_labels`).
 
     Returns the losses of the samples that have at least one label, so that the
     sum over a batch is independent of how the data is split into batches.
@@ -90,14 +117,14 @@ def causal_lm_per_sample_loss(model: nn.Module, batch: Any) -> torch.Tensor:
             "loss_fn(model, batch) -> per-sample losses"
         )
     labels = batch["labels"]
-    logits = logits_of(model(**model_inputs(batch)))
+    logits = logits_of(model(**forward_inputs(model, batch)))
     if logits.shape[:2] != labels.shape[:2]:
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not match labels of shape {tuple(labels.shape)}")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     # Shift the labels, not the logits: position t predicts label t+1, the last position
     # predicts nothing. Slicing the logits instead would copy the (batch x seq x vocab)
     # tensor, and its gradient, once per batch.
-    shifted_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    shifted_labels = loss_labels(model, labels)
     token_losses = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]),
         shifted_labels.reshape(-1),

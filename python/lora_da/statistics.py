@@ -3,11 +3,18 @@
 For every target module (sums before normalization):
 
 * ``grad_sum``  = Σ_samples ∇_W ℓ_sample  (→ ``G = grad_sum / n``)
-* ``output_factor_diag_sum`` = Σ_t m_t g_t ⊙ g_t  (→ ``y = ... / |T|``)
+* ``output_factor_diag_sum`` = Σ_t m_t g_t ⊙ g_t  (→ ``y = ... / |T_module|``)
+* ``num_tokens`` = |T_module| = Σ_t m_t over the rows this module saw
 
-and for every group of modules that receive the *same input tensor*:
+and for every group of modules that receive the *same input tensor* (with the same mask):
 
-* ``input_factor_sum`` = Σ_t m_t a_t a_tᵀ  (→ ``Z = ... / |T| + λI``)
+* ``input_factor_sum`` = Σ_t m_t a_t a_tᵀ  (→ ``Z = ... / |T_group| + λI``)
+* ``num_tokens`` = |T_group|
+
+Each module's rows and mask are its own (encoder, decoder, one row per sample for a
+pooler or classifier head, a vision tower's patches: :mod:`lora_da.token_masks`); a
+module may see a subset of the batch's rows (e.g. a routed expert), so a module's
+count may differ from its group's.
 
 The pass that fills them is :func:`lora_da.statistics_pass.collect_statistics`
 (its hooks: :mod:`lora_da.collector`).
@@ -15,6 +22,8 @@ The pass that fills them is :func:`lora_da.statistics_pass.collect_statistics`
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -28,6 +37,7 @@ class InputGroup:
 
     members: Tuple[str, ...]
     input_factor_sum: torch.Tensor
+    num_tokens: int = 0  # |T_group|: the mask-weighted rows summed into input_factor_sum
 
 
 @dataclass
@@ -38,6 +48,7 @@ class ModuleStatistics:
     group_index: int
     grad_sum: Optional[torch.Tensor]  # d_out x d_in (None after a forward-only pass)
     output_factor_diag_sum: Optional[torch.Tensor]  # d_out (None after a forward-only pass)
+    num_tokens: int = 0  # |T_module|: the mask-weighted rows summed into output_factor_diag_sum
 
 
 @dataclass
@@ -47,7 +58,7 @@ class KFACStatistics:
     modules: Dict[str, ModuleStatistics]
     groups: List[InputGroup]
     num_samples: int = 0
-    num_tokens: int = 0
+    num_tokens: int = 0  # for reports: the tokens of the first target module in forward order (the input's)
     num_batches: int = 0
     skipped_batches: int = 0
     skipped_samples: int = 0
@@ -73,14 +84,19 @@ class KFACStatistics:
         return self.modules[name].grad_sum / self.num_samples
 
     def input_factor(self, name: str) -> torch.Tensor:
-        """``(1/|T|) Σ_t a_t a_tᵀ`` of the module's input group, *without* damping."""
+        """``(1/|T_group|) Σ_t m_t a_t a_tᵀ`` of the module's input group, *without* damping."""
         group = self.groups[self.modules[name].group_index]
-        return group.input_factor_sum / self.num_tokens
+        return group.input_factor_sum / group.num_tokens
 
     def output_factor_diag(self, name: str) -> torch.Tensor:
-        """``y = (1/|T|) Σ_t g_t ⊙ g_t``, *without* damping."""
+        """``y = (1/|T_module|) Σ_t m_t g_t ⊙ g_t``, *without* damping."""
         self._require_gradients(name)
-        return self.modules[name].output_factor_diag_sum / self.num_tokens
+        stats = self.modules[name]
+        return stats.output_factor_diag_sum / stats.num_tokens
+
+    def group_tokens(self) -> Dict[int, int]:
+        """``{group index: |T_group|}``."""
+        return {index: int(group.num_tokens) for index, group in enumerate(self.groups)}
 
     def check_totals(self) -> None:
         """Raise ``ValueError`` when no batch, token or sample was seen; then :meth:`check_finite`."""
@@ -93,6 +109,15 @@ class KFACStatistics:
             )
         if self.num_samples == 0:
             raise ValueError("no sample carried any loss (all labels are -100?)")
+        for group in self.groups:
+            if group.num_tokens == 0:
+                raise ValueError(
+                    f"the token mask of module '{group.members[0]}' (input shared by {list(group.members)}) "
+                    "kept no row in any batch: Z and y have no tokens to average"
+                )
+        for stats in self.modules.values():
+            if stats.num_tokens == 0 and stats.grad_sum is not None:
+                raise ValueError(f"the token mask of module '{stats.name}' kept no row in any batch")
         self.check_finite()
 
     def check_finite(self) -> None:
@@ -110,6 +135,40 @@ class KFACStatistics:
                 raise FloatingPointError(f"output factor y of module '{stats.name}' contains NaN/Inf")
             if not torch.isfinite(stats.grad_sum).all():
                 raise FloatingPointError(f"gradient G of module '{stats.name}' contains NaN/Inf")
+
+
+class AccumulateClock:
+    """Time spent in the statistics accumulation inside the pass.
+
+    On CPU the work is synchronous: wall time around each call. On CUDA a pair
+    of events per call, read once at the end of the pass (one sync, no host
+    sync inside the pass).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.events: List[tuple] = []
+
+    @contextlib.contextmanager
+    def measure(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            begin = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - begin
+
+    def total(self) -> float:
+        if self.events:
+            torch.cuda.synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000.0
+            self.events.clear()
+        return self.seconds
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -11,6 +11,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .activation_checkpointing import (
+    anchor_layer_inputs,
+    checkpointed_layers,
+    checkpointed_targets,
+    recomputing_every_target,
+    set_pass_modes,
+)
 from .checkpoint import StatisticsCheckpoint
 from .fingerprint import statistics_fingerprint
 from .collector import Collector
@@ -19,12 +26,13 @@ from .losses import (
     IGNORE_INDEX,
     as_causal_lm_batch,
     causal_lm_per_sample_loss,
-    model_inputs,
+    forward_inputs,
+    loss_labels,
     move_to_device,
-    token_mask_for,
 )
 from .model_state import preserved_model_state
 from .statistics import KFACStatistics, model_device, model_dtype
+from .token_masks import ModuleMasks
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +60,12 @@ def collect_statistics(
     ``loss_fn(model, batch)`` must return the per-sample losses of the batch (a
     1-D tensor, one entry per sample that counts); their sum is differentiated.
     The default is each sample's mean next-token loss (:func:`causal_lm_per_sample_loss`).
-    The model runs in eval mode (no dropout); it is left exactly as found.
+    The model runs in eval mode (no dropout); it is left exactly as found. When the user
+    enabled activation checkpointing (transformers' ``gradient_checkpointing_enable``), it
+    stays on, dropout off (:mod:`lora_da.activation_checkpointing`).
+    ``token_mask``: each module's rows use their own mask (:mod:`lora_da.token_masks`):
+    ``"attention"``, ``"labels"``, ``"all"``/``None``, ``token_mask(batch)`` (one mask)
+    or ``token_mask(batch, module_name)`` (per module; a tensor or ``None``).
     ``check_totals=False`` skips :meth:`KFACStatistics.check_totals` (for a rank
     whose share of a distributed loader may be empty).
     ``stats_backend``: ``"auto"``, ``"torch"`` or ``"triton"`` (see
@@ -77,7 +90,16 @@ def collect_statistics(
     loss_fn = loss_fn or causal_lm_per_sample_loss
     device = model_device(model)
     backend = select_backend(device, stats_backend, model_dtype(model), statistics_precision)
-    collector = Collector(modules, backend, forward_only=forward_only, device=device)
+    layers = checkpointed_layers(model)
+    masks = ModuleMasks(token_mask, model, modules)
+    collector = Collector(
+        modules,
+        backend,
+        forward_only=forward_only,
+        device=device,
+        masks=masks,
+        checkpointed=checkpointed_targets(layers, modules),
+    )
     stats = collector.stats
     stats.backend = backend.name
     try:
@@ -106,12 +128,17 @@ def collect_statistics(
             resume_from = stats.num_batches
             logger.info("resuming the statistics pass after batch %d from %s", resume_from, stats_checkpoint)
 
-    with preserved_model_state(model) as handles, torch.set_grad_enabled(not forward_only):
-        model.eval()
+    with preserved_model_state(model) as handles, torch.set_grad_enabled(not forward_only), recomputing_every_target(
+        layers
+    ):
+        set_pass_modes(model, layers)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         for name, module in modules.items():
             handles.append(module.register_forward_hook(collector.forward_hook(name), with_kwargs=True))
+        for module, hook in masks.hooks():
+            handles.append(module.register_forward_hook(hook))
+        handles.extend(anchor_layer_inputs(layers, lambda: collector.anchor))
 
         bar = tqdm(total=total, desc="lora-da statistics", unit="batch", disable=not progress, leave=False)
         try:
@@ -119,7 +146,7 @@ def collect_statistics(
                 if max_batches is not None and batch_index >= max_batches:
                     break
                 if batch_index >= resume_from:  # the earlier ones are in the checkpoint
-                    _one_batch(collector, model, batch, batch_index, device, loss_fn, token_mask, forward_only)
+                    _one_batch(collector, model, batch, batch_index, device, loss_fn, forward_only, bool(layers))
                     _maybe_checkpoint(checkpoint, collector)
                 bar.update(1)  # after the batch: the bar counts batches done
                 if batch_index >= resume_from and not forward_only:
@@ -147,11 +174,11 @@ def _one_batch(
     batch_index: int,
     device: torch.device,
     loss_fn: LossFn,
-    token_mask: Any,
     forward_only: bool,
+    checkpointing: bool = False,
 ) -> None:
     """One batch of the pass: hooked forward (+ backward), its counts added to the
-    statistics, NaN/Inf refused. Host syncs: one for a token mask (the kept tokens,
+    statistics, NaN/Inf refused. Host syncs: one for the token masks (their kept tokens,
     before the forward) and one after the batch (:meth:`Collector.check_batch_finite`:
     the loss and every finiteness flag at once)."""
     stats = collector.stats
@@ -159,27 +186,16 @@ def _one_batch(
     batch = move_to_device(batch, device)
     if loss_fn is causal_lm_per_sample_loss:
         batch = as_causal_lm_batch(batch)
-    mask = token_mask_for(batch, token_mask)
-    weights = None
-    batch_tokens = 0
-    weights_not_one = 0
-    if mask is not None:
-        weights = mask.reshape(-1).to(device=device)
-        # one host sync per batch: the kept tokens, and whether every weight is 1
-        counts = torch.stack([weights.sum(dtype=torch.float64), (weights != 1).sum(dtype=torch.float64)])
-        batch_tokens, weights_not_one = (int(v) for v in counts.tolist())
-        if batch_tokens == 0:
-            stats.skipped_batches += 1
-            logger.info("batch %d: the token mask keeps no token; skipped", batch_index)
-            return
-    collector.start_batch(weights, device, all_tokens_kept=weights is not None and weights_not_one == 0)
+    kept = collector.masks.start_batch(batch, device)
+    if kept == 0:
+        stats.skipped_batches += 1
+        logger.info("batch %d: the token mask keeps no token; skipped", batch_index)
+        return
+    collector.start_batch(device)
     if forward_only:
         samples, skipped = _forward_only_batch(model, batch, loss_fn)
-        if weights is None:
-            batch_tokens = collector.batch_rows
         collector.end_batch(batch_index)
         collector.check_batch_finite(batch_index)
-        stats.num_tokens += batch_tokens
         stats.num_samples += samples
         stats.skipped_samples += skipped
         return
@@ -196,12 +212,14 @@ def _one_batch(
     # a non-finite loss is refused after the backward, by the batch's one finiteness
     # check (which then also names where the forward pass went non-finite): no host
     # sync here; the sums of a refused batch are never used
-    torch.autograd.grad(total_loss, collector.anchor)
-    if weights is None:
-        batch_tokens = collector.batch_rows
+    collector.in_backward = True  # forwards from here on are checkpoint recomputations
+    if checkpointing:  # reentrant checkpoints refuse torch.autograd.grad; parameters are frozen
+        total_loss.backward()
+    else:
+        torch.autograd.grad(total_loss, collector.anchor)
+    collector.in_backward = False
     collector.end_batch(batch_index)
     collector.check_batch_finite(batch_index, loss=total_loss)
-    stats.num_tokens += batch_tokens
     stats.num_samples += losses.numel()
     stats.skipped_samples += _batch_size(batch) - losses.numel() if loss_fn is causal_lm_per_sample_loss else 0
 
@@ -219,9 +237,9 @@ def _forward_only_batch(model: nn.Module, batch: Any, loss_fn: LossFn) -> Tuple[
                 "the default causal-LM path needs dict-like batches with 'labels' (-100: no loss), "
                 "or pass loss_fn(model, batch) -> per-sample losses"
             )
-        model(**model_inputs(batch))
-        labels = batch["labels"]
-        counted = int((labels[:, 1:] != IGNORE_INDEX).any(dim=1).sum().item())
+        model(**forward_inputs(model, batch))
+        labels = loss_labels(model, batch["labels"])
+        counted = int((labels != IGNORE_INDEX).any(dim=1).sum().item())
         return counted, int(labels.shape[0]) - counted
     losses = loss_fn(model, batch)
     if not isinstance(losses, torch.Tensor) or losses.dim() > 1:

@@ -87,7 +87,7 @@ def solve(context: SolveContext) -> Solution:
             name, lora_A, lora_B, values, norm, damping=factor.damping, input_group=context.input_group(name)
         )
     members = {group: stats.groups[group].members for group in factors}
-    report_damping_escalations(damping_escalations(factors, members, settings.damping, stats.num_tokens))
+    report_damping_escalations(damping_escalations(factors, members, settings.damping, stats.group_tokens()))
     return Solution(result, "fisher-subspace (torch.linalg, float64)")
 
 

@@ -60,7 +60,8 @@ def _report_escalations(context: SolveContext, by_group: Dict[int, InputFactor])
     :class:`~lora_da.methods.lora_da_reference.one_damping_summary`)."""
     stats = context.statistics
     members = {group: stats.groups[group].members for group in by_group}
-    report_damping_escalations(damping_escalations(by_group, members, context.settings.damping, stats.num_tokens))
+    escalations = damping_escalations(by_group, members, context.settings.damping, stats.group_tokens())
+    report_damping_escalations(escalations)
 
 
 def _finisher(context: SolveContext, prepared: Dict[str, PreparedModule], factors: Dict[str, InputFactor]):

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextvars
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -107,17 +107,18 @@ def damping_escalations(
     factors: Dict[int, InputFactor],
     members: Dict[int, Tuple[str, ...]],
     requested: float,
-    num_tokens: int,
+    num_tokens: Union[int, Mapping[int, int]],
 ) -> List[DampingEscalation]:
     """The groups of ``factors`` (``{group: InputFactor}``, ``members``: their modules)
-    whose damping was raised above ``requested``."""
+    whose damping was raised above ``requested``; ``num_tokens``: each group's ``|T|``
+    (``{group: count}``, e.g. :meth:`KFACStatistics.group_tokens`) or one count for all."""
     return [
         DampingEscalation(
             members=tuple(members[group]),
             requested=float(requested),
             used=float(factor.damping),
             d_in=int(factor.cholesky.shape[-1]),
-            num_tokens=int(num_tokens),
+            num_tokens=int(num_tokens[group] if isinstance(num_tokens, Mapping) else num_tokens),
         )
         for group, factor in factors.items()
         if factor.damping > requested
