@@ -321,6 +321,21 @@ def test_multi_pass_equals_one_pass_and_reports_memory():
         assert split.timings[phase] > 0, phase
 
 
+def test_the_plan_counts_each_accumulator_at_its_own_size():
+    """A float32 model's Z is summed in float64 by default (G and y in float32): the plan must
+    count Z at 8 bytes, or a pass's real statistics exceed the share it was planned for."""
+    model = tiny_llama(num_layers=3)
+    loader = list(batches(synthetic_samples(8, seed=4), 4))
+    targets = find_target_modules(model, None, 2)
+    share = sum(module_statistics_bytes(m, 4) for name, m in targets.items() if layer_of(name) == "model.layers.0")
+    init = lora_da.initialize(model, loader, rank=2, progress=False, max_memory=share + solve_reserve(targets))
+    assert init.passes > 3  # a layer, with Z at 8 bytes, no longer fits in one pass
+    assert init.statistics_bytes <= share
+    exact = lora_da.initialize(model, loader, rank=2, progress=False, statistics_precision="float32",
+                               max_memory=share + solve_reserve(targets))
+    assert exact.passes == 3 and exact.statistics_bytes <= share  # the plan counts a Z per module: an upper bound
+
+
 def test_one_shot_loader_refused_when_several_passes_are_needed():
     model = tiny_llama(num_layers=2)
     before = model_fingerprint(model)

@@ -23,6 +23,7 @@ statistics).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Dict, List, Union
 
 import torch
@@ -95,13 +96,26 @@ def solve_budget(budget: int, statistics_bytes: int, reserve: int, given: bool) 
     return left if given else min(left, max(statistics_bytes, reserve))
 
 
-def module_statistics_bytes(module: nn.Module, element_size: int) -> int:
-    """Upper bound of one module's statistics: G, y and a Z of its own."""
+@dataclass(frozen=True)
+class StatisticsSizes:
+    """Bytes per element of the accumulators: ``Z`` (``input_factor``) and ``G``, ``y``
+    (``gradient``); the torch backend holds ``Z`` in float64 by default (docs/math.md §5.6)."""
+
+    input_factor: int = 4
+    gradient: int = 4
+
+
+def module_statistics_bytes(module: nn.Module, element_size: Union[int, StatisticsSizes]) -> int:
+    """Upper bound of one module's statistics: G, y and a Z of its own (``element_size``:
+    one size for all three, or :class:`StatisticsSizes`)."""
+    sizes = element_size if isinstance(element_size, StatisticsSizes) else StatisticsSizes(element_size, element_size)
     d_in, d_out = linear_dims(module)
-    return (d_out * d_in + d_out + d_in * d_in) * element_size
+    return (d_out * d_in + d_out) * sizes.gradient + d_in * d_in * sizes.input_factor
 
 
-def plan_passes(modules: Dict[str, nn.Module], budget: int, element_size: int) -> List[Dict[str, nn.Module]]:
+def plan_passes(
+    modules: Dict[str, nn.Module], budget: int, element_size: Union[int, StatisticsSizes]
+) -> List[Dict[str, nn.Module]]:
     """Split ``modules`` (in order) into passes whose statistics fit ``budget`` bytes.
 
     Whole layers go together; a layer that alone exceeds the budget is split
@@ -162,6 +176,7 @@ __all__ = [
     "free_memory",
     "statistics_budget",
     "plan_passes",
+    "StatisticsSizes",
     "module_statistics_bytes",
     "module_solve_bytes",
     "solve_reserve",

@@ -21,8 +21,17 @@ from torch import nn
 
 from . import distributed, distributed_agreement
 from .config import LoraDAConfig
+from .kernels.dispatch import select_backend
 from .layers import is_conv1d
-from .memory import is_reiterable, plan_passes, solve_budget, solve_reserve, statistics_budget, statistics_share
+from .memory import (
+    StatisticsSizes,
+    is_reiterable,
+    plan_passes,
+    solve_budget,
+    solve_reserve,
+    statistics_budget,
+    statistics_share,
+)
 from .memory_peaks import PhasePeaks, PhaseTimings, release_free_memory
 from .methods import get_method
 from .methods.base import FORWARD_STATISTICS, Method, SolveContext
@@ -54,8 +63,13 @@ def plan(model: nn.Module, loader: Any, method: Method, targets: Dict[str, nn.Mo
     group for a method that reads no data)."""
     if not method.needs_data:
         return [targets]
-    element_size = 8 if model_dtype(model) == torch.float64 else 4  # the statistics' accumulator dtype
-    passes = plan_passes(targets, statistics_share(budget, targets), element_size)
+    # the accumulators' element sizes, as the pass's backend will allocate them (Z may be float64 alone)
+    dtype = model_dtype(model) or torch.float32
+    backend = select_backend(model_device(model), config.stats_backend, dtype, config.statistics_precision)
+    element_sizes = StatisticsSizes(
+        input_factor=backend.input_factor_dtype(dtype).itemsize, gradient=backend.gradient_dtype(dtype).itemsize
+    )
+    passes = plan_passes(targets, statistics_share(budget, targets), element_sizes)
     if len(passes) > 1 and not is_reiterable(loader):
         raise ValueError(
             f"max_memory lets one pass hold the statistics of only part of the model ({len(passes)} passes "
