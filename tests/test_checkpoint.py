@@ -92,6 +92,21 @@ def test_mismatched_or_corrupt_checkpoint_is_refused(tmp_path):
         run(str(path), llama_data())
 
 
+def test_a_checkpoint_of_another_statistics_precision_is_refused(tmp_path):
+    """A float32 model's Z is float64 by default: a float32-precision checkpoint must not be
+    continued (its Z would stay float32) nor read as if it were exact."""
+    path = str(tmp_path / "stats.ckpt")
+
+    def run32(**kwargs):
+        return lora_da.initialize(tiny_llama(), llama_data()[:2], rank=2, train_size=50, progress=False,
+                                  stats_checkpoint=path, **kwargs)
+
+    run32(statistics_precision="float32")
+    with pytest.raises(ValueError, match=r"differs in: accumulators"):
+        run32()
+    run32(statistics_precision="float32")  # the same precision reads it back
+
+
 # -- hostile and forged files ------------------------------------------------------------
 
 

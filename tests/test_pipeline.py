@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lora_da
-from lora_da.memory import module_statistics_bytes, solve_reserve
+from lora_da.memory import StatisticsSizes, module_statistics_bytes, solve_reserve
 from lora_da.models import batches, synthetic_samples, tiny_llama
 from lora_da.naming import layer_prefix as layer_of
 from lora_da.pipeline import PHASES
@@ -37,6 +37,9 @@ from helpers import (
 )
 from helpers import METHOD_RANK as RANK
 from helpers import run_method as run
+
+# a float32 model's accumulators by default: Z in float64, G and y in float32 (docs/math.md §5.6)
+SIZES = StatisticsSizes(input_factor=8, gradient=4)
 
 pytestmark = pytest.mark.filterwarnings("ignore:train_size not given")
 
@@ -341,7 +344,7 @@ def test_one_shot_loader_refused_when_several_passes_are_needed():
     before = model_fingerprint(model)
     one_shot = iter(list(batches(synthetic_samples(4), 2)))
     targets = find_target_modules(model, None, 2)
-    largest_module = max(module_statistics_bytes(m, 4) for m in targets.values()) + solve_reserve(targets)
+    largest_module = max(module_statistics_bytes(m, SIZES) for m in targets.values()) + solve_reserve(targets)
     with pytest.raises(ValueError, match="one-shot iterator.*max_memory|max_memory.*one-shot iterator"):
         lora_da.initialize(model, one_shot, rank=2, progress=False, max_memory=largest_module)
     assert_same_fingerprint(before, model_fingerprint(model))
@@ -462,7 +465,7 @@ def test_each_pass_frees_the_previous_pass_statistics_before_collecting(monkeypa
     model = tiny_llama(num_layers=3)
     targets = find_target_modules(model, None, 2)
     layer_budget = solve_reserve(targets) + sum(
-        module_statistics_bytes(m, 4) for name, m in targets.items() if layer_of(name) == "model.layers.0"
+        module_statistics_bytes(m, SIZES) for name, m in targets.items() if layer_of(name) == "model.layers.0"
     )
     init = lora_da.initialize(model, list(batches(synthetic_samples(6), 3)), rank=2, progress=False,
                               max_memory=layer_budget)

@@ -92,9 +92,16 @@ def _model_digest(model: nn.Module) -> str:
 
 
 def statistics_fingerprint(
-    model: nn.Module, modules: Dict[str, nn.Module], token_mask: Any, loss_fn: Any, backend_name: str
+    model: nn.Module,
+    modules: Dict[str, nn.Module],
+    token_mask: Any,
+    loss_fn: Any,
+    backend_name: str,
+    accumulators: str = "",
 ) -> dict:
-    """What the accumulated sums depend on (see the module doc), as JSON-ready values.
+    """What the accumulated sums depend on (see the module doc), as JSON-ready values
+    (``accumulators``: the accumulators' dtypes, e.g. ``"Z float64, G/y float32"``, so that a
+    checkpoint of another ``statistics_precision`` is refused, not continued in its dtypes).
 
     The model part hashes every parameter's name, shape and dtype, the bits of up to
     4096 evenly spaced elements of it and exact integer sums of the bits of all its
@@ -109,4 +116,5 @@ def statistics_fingerprint(
         "token_mask": token_mask if isinstance(token_mask, (str, type(None))) else _callable_name(token_mask),
         "loss_fn": _callable_name(loss_fn),
         "stats_backend": backend_name,
+        "accumulators": accumulators,
     }

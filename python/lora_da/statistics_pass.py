@@ -111,7 +111,9 @@ def collect_statistics(
     checkpoint = None
     resume_from = 0
     if stats_checkpoint is not None:
-        fingerprint = statistics_fingerprint(model, modules, token_mask, loss_fn, backend.name)
+        dtype = model_dtype(model) or torch.float32
+        accumulators = f"Z {backend.input_factor_dtype(dtype)}, G/y {backend.gradient_dtype(dtype)}"
+        fingerprint = statistics_fingerprint(model, modules, token_mask, loss_fn, backend.name, accumulators)
         checkpoint = StatisticsCheckpoint(stats_checkpoint, checkpoint_every, fingerprint)
         saved = checkpoint.load(device)
         if saved is not None:
