@@ -21,6 +21,8 @@ from torch import nn
 
 from . import distributed, distributed_agreement
 from .config import LoraDAConfig
+from .expert_fallback import take_sparse_experts
+from .experts import expert_layout
 from .layers import is_conv1d
 from .memory import is_reiterable, plan_passes, statistics_budget
 from .methods import get_method
@@ -172,6 +174,7 @@ def _run(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
     train_size = config.train_size
     statistics_bytes = 0
     stats: Optional[KFACStatistics] = None
+    expert_fallbacks: List[str] = []
     for pass_index, pass_targets in enumerate(passes):
         stats = None  # the previous pass's sums are freed before this pass allocates its own
         if method.needs_data:
@@ -195,12 +198,19 @@ def _run(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
             train_size=train_size or 0,
             timings=timings,
         )
+        fallbacks = take_sparse_experts(context)  # experts with too few routed tokens: PEFT's default init
         pass_modules, backends["solve"] = solve_pass(method, context, model, config)
         modules.update(pass_modules)
+        modules.update(fallbacks)
+        expert_fallbacks.extend(fallbacks)
     if distributed.is_active():
         backends["distributed"] = f"torch.distributed ({dist.get_backend()}, {dist.get_world_size()} ranks)"
     # recorded after the gather, so that every rank's copy knows its layout (PEFT's fan_in_fan_out)
-    modules = {name: dataclasses.replace(m, transposed_weight=is_conv1d(targets[name])) for name, m in modules.items()}
+    modules = {
+        name: dataclasses.replace(modules[name], transposed_weight=is_conv1d(targets[name]))
+        for name in targets
+        if name in modules
+    }
     timings["total"] = time.perf_counter() - start
     counts = _counts(stats)
     return LoraInit(
@@ -211,6 +221,8 @@ def _run(model: nn.Module, loader: Any, config: LoraDAConfig) -> LoraInit:
         backends=backends,
         passes=len(passes),
         statistics_bytes=statistics_bytes,
+        experts=expert_layout(targets),
+        expert_fallbacks=[name for name in targets if name in set(expert_fallbacks)],
         **counts,
     )
 

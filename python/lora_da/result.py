@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Tuple
 from torch import nn
 
 from .config import LoraDAConfig
+from .experts import ExpertEntry
 from .methods import get_method
 from .module_init import ModuleInit
 from .peft_glue import apply_to_peft_model, save_adapter
@@ -33,6 +34,10 @@ class LoraInit:
         backends: which implementation ran each phase.
         passes: passes over the data (more than one only under a ``max_memory`` budget).
         statistics_bytes: peak bytes of the statistics held at once.
+        experts: ``{target name: ExpertEntry}`` of the targets that are experts of fused
+            MoE parameters (module, parameter, expert index; :mod:`lora_da.experts`).
+        expert_fallbacks: the experts that got fewer than ``rank`` routed tokens and
+            PEFT's default init instead (:mod:`lora_da.expert_fallback`).
     """
 
     modules: Dict[str, ModuleInit]
@@ -47,6 +52,8 @@ class LoraInit:
     backends: Dict[str, str] = field(default_factory=dict)
     passes: int = 1
     statistics_bytes: int = 0
+    experts: Dict[str, ExpertEntry] = field(default_factory=dict)
+    expert_fallbacks: List[str] = field(default_factory=list)
 
     @property
     def method(self) -> str:
@@ -191,6 +198,8 @@ class LoraInit:
             "statistics_bytes": self.statistics_bytes,
             "backends": dict(self.backends),
             "input_groups": [list(g) for g in self.input_groups],
+            "experts": {name: dataclasses.asdict(entry) for name, entry in self.experts.items()},
+            "expert_fallbacks": list(self.expert_fallbacks),
             "modules": {
                 name: {
                     "rank": m.rank,
@@ -221,4 +230,9 @@ class LoraInit:
             "backends: " + ", ".join(f"{phase}={backend}" for phase, backend in self.backends.items()),
             f"statistics: {self.passes} pass(es) over the data, peak {self.statistics_bytes / 2**20:.1f} MiB",
         ]
+        if self.experts:
+            lines.append(
+                f"experts: {len(self.experts)} expert matrices, {len(self.expert_fallbacks)} with fewer than "
+                f"rank routed tokens (PEFT's default init)"
+            )
         return "\n".join(lines)

@@ -28,6 +28,7 @@ class InputGroup:
 
     members: Tuple[str, ...]
     input_factor_sum: torch.Tensor
+    num_tokens: int = 0  # |T| of this input (0: the pass's count; experts: the tokens routed to them)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class ModuleStatistics:
     group_index: int
     grad_sum: Optional[torch.Tensor]  # d_out x d_in (None after a forward-only pass)
     output_factor_diag_sum: Optional[torch.Tensor]  # d_out (None after a forward-only pass)
+    num_tokens: int = 0  # |T| of this module's rows (0: the pass's count; experts: the tokens routed to them)
 
 
 @dataclass
@@ -67,6 +69,10 @@ class KFACStatistics:
                 f"these statistics come from a forward-only pass: module '{name}' has no gradient G or output factor y"
             )
 
+    def tokens(self, name: str) -> int:
+        """``|T|`` of module ``name``: its own count when the pass kept one (experts), else the pass's."""
+        return self.modules[name].num_tokens or self.num_tokens
+
     def gradient(self, name: str) -> torch.Tensor:
         """``G = (1/n) Σ_samples ∇_W ℓ_sample`` (``d_out x d_in``)."""
         self._require_gradients(name)
@@ -75,12 +81,12 @@ class KFACStatistics:
     def input_factor(self, name: str) -> torch.Tensor:
         """``(1/|T|) Σ_t a_t a_tᵀ`` of the module's input group, *without* damping."""
         group = self.groups[self.modules[name].group_index]
-        return group.input_factor_sum / self.num_tokens
+        return group.input_factor_sum / (group.num_tokens or self.num_tokens)
 
     def output_factor_diag(self, name: str) -> torch.Tensor:
         """``y = (1/|T|) Σ_t g_t ⊙ g_t``, *without* damping."""
         self._require_gradients(name)
-        return self.modules[name].output_factor_diag_sum / self.num_tokens
+        return self.modules[name].output_factor_diag_sum / (self.modules[name].num_tokens or self.num_tokens)
 
     def check_totals(self) -> None:
         """Raise ``ValueError`` when no batch, token or sample was seen; then :meth:`check_finite`."""

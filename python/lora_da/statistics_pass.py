@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .checkpoint import StatisticsCheckpoint
 from .fingerprint import statistics_fingerprint
 from .collector import Collector
+from .expert_collector import ExpertCapture, split_expert_targets
 from .kernels.dispatch import select_backend
 from .losses import (
     IGNORE_INDEX,
@@ -75,7 +76,8 @@ def collect_statistics(
     loss_fn = loss_fn or causal_lm_per_sample_loss
     device = model_device(model)
     backend = select_backend(device, stats_backend, model_dtype(model))
-    collector = Collector(modules, backend, forward_only=forward_only, device=device)
+    hooked, experts = split_expert_targets(modules, stats_checkpoint)  # experts: captured by their module's forward
+    collector = Collector(hooked, backend, forward_only=forward_only, device=device)
     stats = collector.stats
     stats.backend = backend.name
     try:
@@ -108,8 +110,10 @@ def collect_statistics(
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        for name, module in modules.items():
+        for name, module in hooked.items():
             handles.append(module.register_forward_hook(collector.forward_hook(name), with_kwargs=True))
+        if experts:
+            handles.append(ExpertCapture(collector, experts).install())
 
         bar = tqdm(total=total, desc="lora-da statistics", unit="batch", disable=not progress, leave=False)
         try:

@@ -1,0 +1,216 @@
+"""Per-expert statistics of fused MoE experts during the statistics pass (docs/math.md §2.1).
+
+For the pass only, each experts module holding targets (:mod:`lora_da.experts`)
+runs :func:`_capture_forward` instead of its own forward (an instance attribute,
+removed afterwards, even on error): the same computation written as one loop
+over the experts that got tokens, in which expert ``e``'s input rows (the
+tokens routed to it), its projections' outputs and their output gradients are
+visible. Each expert matrix gets its own input group (its ``Z_e``), its own
+``G_e`` and ``y_e``, and its own token count ``|T_e|`` (the kept tokens routed
+to it); an expert that got no token in a batch contributes nothing. On the first
+batch the captured forward is checked against the module's own forward
+(``torch.no_grad``): a module whose computation differs is refused by name.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .experts import ExpertSlice
+from .statistics import InputGroup, ModuleStatistics
+
+
+def split_expert_targets(
+    targets: Dict[str, object], stats_checkpoint: Optional[str] = None
+) -> Tuple[Dict[str, nn.Module], Dict[str, ExpertSlice]]:
+    """``(hooked modules, expert targets)``; experts with a statistics checkpoint are refused
+    (their per-expert token counts are not stored in one yet)."""
+    experts = {name: t for name, t in targets.items() if isinstance(t, ExpertSlice)}
+    if experts and stats_checkpoint is not None:
+        raise ValueError(
+            f"stats_checkpoint is not supported with MoE expert targets (e.g. '{next(iter(experts))}'): "
+            "their per-expert token counts are not checkpointed; drop stats_checkpoint or the experts"
+        )
+    return {name: t for name, t in targets.items() if name not in experts}, experts
+
+
+class _Plan:
+    """One experts module's targets: ``names[parameter][index]`` → target name."""
+
+    def __init__(self, module_name: str, module: nn.Module) -> None:
+        self.module_name = module_name
+        self.module = module
+        self.names: Dict[str, Dict[int, str]] = {}
+        self.checked = False
+
+
+class ExpertCapture:
+    """Installs the capturing forwards and fills ``collector.stats`` for the expert targets."""
+
+    def __init__(self, collector, slices: Dict[str, ExpertSlice]) -> None:
+        self.collector = collector
+        self.plans: Dict[int, _Plan] = {}
+        for name, target in slices.items():
+            plan = self.plans.setdefault(id(target.experts), _Plan(target.module_name, target.experts))
+            plan.names.setdefault(target.parameter_name, {})[target.index] = name
+        self.called: set = set()  # (experts module, batch) pairs run
+
+    def install(self) -> "ExpertCapture":
+        """Replace each experts module's forward (see :meth:`remove`)."""
+        self._saved: List[Tuple[nn.Module, Optional[object]]] = []
+        for plan in self.plans.values():
+            module = plan.module
+            self._saved.append((module, module.__dict__.get("forward")))
+            original = module.forward
+            module.forward = types.MethodType(
+                lambda mod, *args, _plan=plan, _original=original, **kwargs: self._forward(_plan, _original, *args, **kwargs),
+                module,
+            )
+        return self
+
+    def remove(self) -> None:
+        """Put every forward back as found (a handle of :func:`lora_da.model_state.preserved_model_state`)."""
+        for module, saved in getattr(self, "_saved", []):
+            if saved is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = saved
+        self._saved = []
+
+    # -- the captured computation -----------------------------------------------------
+    def _forward(self, plan: _Plan, original, *args, **kwargs):
+        values = list(args) + list(kwargs.values())  # (hidden_states, top_k_index, top_k_weights), however passed
+        if len(values) != 3:
+            raise TypeError(f"experts module '{plan.module_name}' was called with {len(values)} arguments, expected 3")
+        hidden_states, top_k_index, top_k_weights = values
+        collector = self.collector
+        if not collector.active:
+            return original(hidden_states, top_k_index, top_k_weights)
+        batch = (plan.module_name, collector.stats.num_batches)
+        if batch in self.called:
+            raise RuntimeError(
+                f"experts module '{plan.module_name}' was called more than once in one forward pass "
+                "(weight sharing or activation checkpointing is not supported)"
+            )
+        self.called.add(batch)
+        module = plan.module
+        rows = hidden_states.shape[0]
+        if hidden_states.dim() != 2 or top_k_index.shape[0] != rows or tuple(top_k_weights.shape) != tuple(top_k_index.shape):
+            raise ValueError(
+                f"experts module '{plan.module_name}' got hidden states {tuple(hidden_states.shape)}, routing "
+                f"{tuple(top_k_index.shape)} and weights {tuple(top_k_weights.shape)}; expected (T, d), (T, k), (T, k)"
+            )
+        if collector.expected_rows is not None and rows != collector.expected_rows:
+            raise ValueError(
+                f"experts module '{plan.module_name}' got {rows} tokens but the token mask has "
+                f"{collector.expected_rows} entries"
+            )
+        if collector.batch_rows is None:
+            collector.batch_rows = rows
+        output = self._routed(plan, hidden_states, top_k_index, top_k_weights)
+        if not plan.checked:
+            plan.checked = True
+            with torch.no_grad():
+                expected = original(hidden_states, top_k_index, top_k_weights)
+            self._check_same(plan, output.detach(), expected)
+        return output
+
+    def _routed(self, plan: _Plan, hidden_states, top_k_index, top_k_weights):
+        module, collector = plan.module, self.collector
+        count = module.num_experts
+        weights = collector.token_weights  # None: every token counts with weight 1
+        index = top_k_index.reshape(hidden_states.shape[0], -1)
+        valid = (index >= 0) & (index < count)  # an index of `count` or more is a sentinel (no expert)
+        flat = index[valid]
+        hits = torch.zeros(count, dtype=torch.float64, device=index.device)
+        hits.index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        mass = hits
+        if weights is not None:
+            per_slot = weights.to(torch.float64)[:, None].expand_as(index)[valid]
+            mass = torch.zeros_like(hits).index_add_(0, flat, per_slot)
+        hit_list, mass_list = torch.stack([hits, mass]).tolist()  # one host read per experts call
+        output = torch.zeros_like(hidden_states)
+        first = "gate_up_proj" if module.has_gate else "up_proj"
+        for expert in range(count):
+            if hit_list[expert] == 0:
+                continue
+            token_index, slot = torch.where(index == expert)
+            x = hidden_states[token_index]
+            rows_weights = None if weights is None else weights[token_index]
+            tokens = int(round(mass_list[expert]))
+            h = self._project(plan, first, expert, x, rows_weights, tokens)
+            u = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+            o = self._project(plan, "down_proj", expert, u, rows_weights, tokens)
+            if getattr(module, "has_post_expert_norm", False):
+                o = module.post_expert_norm(o)
+            o = o * top_k_weights[token_index, slot, None]
+            output.index_add_(0, token_index, o.to(output.dtype))
+        return output
+
+    def _project(self, plan: _Plan, parameter: str, expert: int, x, rows_weights, tokens: int):
+        """``x W_eᵀ (+ b_e)``, with expert ``e``'s statistics when it is a target."""
+        module = plan.module
+        weight = getattr(module, parameter)[expert]
+        out = x @ weight if module.is_transposed else nn.functional.linear(x, weight)
+        if module.has_bias:
+            out = out + getattr(module, f"{parameter}_bias")[expert]
+        name = plan.names.get(parameter, {}).get(expert)
+        if name is None:
+            return out
+        return self._record(name, x, rows_weights, tokens, out)
+
+    def _record(self, name: str, x, rows_weights, tokens: int, out):
+        collector = self.collector
+        stats = collector.stats
+        flat = x.detach().reshape(-1, x.shape[-1])
+        d_in, d_out = flat.shape[1], out.shape[-1]
+        group_index = collector.group_of.get(name)
+        if group_index is None:  # the first batch that routes a token to this expert
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            group_index = len(stats.groups)
+            stats.groups.append(
+                InputGroup(members=(name,), input_factor_sum=torch.zeros(d_in, d_in, dtype=dtype, device=x.device))
+            )
+            collector.group_of[name] = group_index
+            with_gradients = not collector.forward_only
+            stats.modules[name] = ModuleStatistics(
+                name=name,
+                group_index=group_index,
+                grad_sum=torch.zeros(d_out, d_in, dtype=dtype, device=x.device) if with_gradients else None,
+                output_factor_diag_sum=torch.zeros(d_out, dtype=dtype, device=x.device) if with_gradients else None,
+            )
+        group = stats.groups[group_index]
+        with collector.clock.measure():
+            collector.backend.accumulate_input_factor(group.input_factor_sum, flat, rows_weights)
+        group.num_tokens += tokens
+        stats.modules[name].num_tokens += tokens
+        if collector.forward_only:
+            return out
+        anchored = out + collector.anchor.to(out.dtype)
+        anchored.register_hook(self._gradient_hook(name, flat, rows_weights))
+        return anchored
+
+    def _gradient_hook(self, name: str, rows: torch.Tensor, rows_weights):
+        def hook(grad: torch.Tensor) -> None:
+            collector = self.collector
+            stats = collector.stats.modules[name]
+            with collector.clock.measure():
+                collector.backend.accumulate_output_statistics(
+                    stats.output_factor_diag_sum, stats.grad_sum, grad.reshape(-1, grad.shape[-1]), rows, rows_weights
+                )
+
+        return hook
+
+    def _check_same(self, plan: _Plan, output: torch.Tensor, expected) -> None:
+        scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+        # fp32/fp64: rounding of a different summation order only; half precision: its unit roundoff
+        tolerance = (1e-2 if output.dtype in (torch.float16, torch.bfloat16) else 1e-4) * max(scale, 1e-30)
+        if tuple(expected.shape) != tuple(output.shape) or float((output - expected).abs().max()) > tolerance:
+            raise ValueError(
+                f"experts module '{plan.module_name}' ({type(plan.module).__name__}) computes something other than "
+                "transformers' fused experts layout that lora-da reproduces; leave it out of target_modules"
+            )
