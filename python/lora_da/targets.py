@@ -48,7 +48,9 @@ def _default_targets(model: nn.Module, rank: int) -> Tuple[Dict[str, object], Di
     ``rank``; and what was left out, by reason."""
     head = output_head(model)
     found: Dict[str, object] = {}
-    left_out: Dict[str, List[str]] = {"output heads": [], f"smaller than rank {rank}": [], "not served": []}
+    small = f"smaller than rank {rank}"
+    unread, routers = "experts of a layout lora-da cannot read", "routers (not nn.Linear)"
+    left_out: Dict[str, List[str]] = {"output heads": [], small: [], unread: [], routers: []}
     skip_under: List[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix + ".") for prefix in skip_under):
@@ -63,22 +65,22 @@ def _default_targets(model: nn.Module, rank: int) -> Tuple[Dict[str, object], Di
             if _is_head(name):
                 left_out["output heads"].append(name)
             elif rank > min(linear_dims(module)):
-                left_out[f"smaller than rank {rank}"].append(name)
+                left_out[small].append(name)
             else:
                 found[name] = module
             continue
         if looks_like_experts(module):
             parameters = fused_parameters(module)
             if parameters is None:
-                left_out["not served"].append(f"{name} ({type(module).__name__}: an experts layout lora-da cannot read)")
+                left_out[unread].append(name)
                 continue
             slices = expert_slices(name, module, parameters)
-            small = [key for key, s in slices.items() if rank > min(s.in_features, s.out_features)]
-            left_out[f"smaller than rank {rank}"].extend(small)
-            found.update({key: s for key, s in slices.items() if key not in small})
+            too_small = [key for key, s in slices.items() if rank > min(s.in_features, s.out_features)]
+            left_out[small].extend(too_small)
+            found.update({key: s for key, s in slices.items() if key not in too_small})
             continue
         if _is_router(model, name, module):
-            left_out["not served"].append(f"{name} ({type(module).__name__}: a router, not an nn.Linear)")
+            left_out[routers].append(name)
     return found, left_out
 
 
