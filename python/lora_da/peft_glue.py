@@ -196,8 +196,14 @@ def save_adapter(
     base_model_name_or_path: Optional[str] = None,
     task_type: Optional[str] = None,
     fan_in_fan_out: Optional[bool] = None,
+    model: Optional[nn.Module] = None,
 ) -> None:
     """Write a PEFT adapter directory (see :meth:`LoraInit.save_pretrained`).
+
+    For the task types whose PEFT model trains the output head in full
+    (``SEQ_CLS``, ``TOKEN_CLS``: ``classifier``/``score``; ``QUESTION_ANS``: ``qa_outputs``)
+    the head's weights are saved too, read from ``model`` (required then), as PEFT's
+    ``modules_to_save`` are.
 
     ``task_type`` (e.g. ``"CAUSAL_LM"``) is recorded in ``adapter_config.json``, so that
     ``PeftModel.from_pretrained`` makes the task's PEFT model class. ``fan_in_fan_out``
@@ -231,10 +237,35 @@ def save_adapter(
         lora_A, lora_B = factors_for_scaling(init, name, scaling)
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.detach().to("cpu").contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.detach().to("cpu").contiguous()
+    tensors.update(_head_tensors(model, task_type))
     report = json.dumps(init.report(), indent=2)
     save_directory = _prepare_directory(save_directory)
     _write_adapter(save_directory, config, tensors)
     _write_text(os.path.join(save_directory, INIT_REPORT_NAME), report)
+
+
+#: The heads PEFT's model class of a task type wraps as ``modules_to_save`` (saved in full).
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _head_tensors(model: Optional[nn.Module], task_type: Optional[str]) -> Dict[str, torch.Tensor]:
+    """The weights of the task's heads in ``model``, keyed as PEFT saves ``modules_to_save``."""
+    heads = TASK_HEADS.get(str(task_type), ())
+    if not heads:
+        return {}
+    if model is None:
+        raise ValueError(
+            f"task_type={task_type!r}: PEFT trains the head ({'/'.join(heads)}) in full and loads it from the "
+            "adapter, so save_pretrained needs the base model: pass model="
+        )
+    tensors = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in heads:
+            for key, value in module.state_dict().items():
+                tensors[f"base_model.model.{name}.{key}"] = value.detach().to("cpu").contiguous()
+    if not tensors:
+        raise ValueError(f"task_type={task_type!r}: the model has no head named {' or '.join(heads)}")
+    return tensors
 
 
 def _expert_config(init: "LoraInit") -> Dict[str, Any]:

@@ -142,6 +142,7 @@ class LoraInit:
         base_model_name_or_path: Optional[str] = None,
         task_type: Optional[str] = None,
         fan_in_fan_out: Optional[bool] = None,
+        model: Optional[nn.Module] = None,
     ) -> None:
         """Write a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
 
@@ -149,7 +150,10 @@ class LoraInit:
         adapter's scaling ``s``; use the values of your training config.
         ``task_type`` (e.g. ``"CAUSAL_LM"``) is recorded in ``adapter_config.json``;
         ``fan_in_fan_out`` (``None``: True when every target stores its weight
-        transposed, GPT-2's ``Conv1D``) is PEFT's flag of that name. Every file is
+        transposed, GPT-2's ``Conv1D``) is PEFT's flag of that name. With ``task_type``
+        ``"SEQ_CLS"``/``"TOKEN_CLS"``/``"QUESTION_ANS"`` PEFT trains the output head in
+        full and loads it from the adapter: pass the base ``model``, whose head weights
+        are saved with the factors. Every file is
         written atomically with the user's umask. Also
         writes ``lora_da_init.json`` with :meth:`report`. Per-module ranks are
         written as PEFT's ``rank_pattern``.
@@ -170,6 +174,7 @@ class LoraInit:
             base_model_name_or_path=base_model_name_or_path,
             task_type=task_type,
             fan_in_fan_out=fan_in_fan_out,
+            model=model,
         )
 
     def report(self) -> dict:

@@ -119,9 +119,13 @@ class KFACStatistics:
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """Where the model computes: its first parameter's device, skipping ``meta`` ones (weights
+    offloaded by accelerate, loaded to the hook's ``execution_device`` for each forward)."""
     for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
+        if not parameter.is_meta:
+            return parameter.device
+    hook_device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    return torch.device(hook_device) if hook_device is not None else torch.device("cpu")
 
 
 def model_dtype(model: nn.Module) -> Optional[torch.dtype]:
