@@ -170,7 +170,7 @@ def test_unrouted_expert_gets_the_fallback_and_is_counted():
         assert torch.count_nonzero(init.modules[name].lora_A) > 0
     solved = [n for n in init.modules if n not in init.expert_fallbacks]
     assert solved and all(torch.count_nonzero(init.modules[n].lora_B) > 0 for n in solved)
-    assert f"{len(init.expert_fallbacks)} with fewer than rank" in init.summary()
+    assert f"{len(init.expert_fallbacks)} experts with fewer than rank" in init.summary()
 
 
 def test_batched_solve_of_experts_matches_dense_oracle():
@@ -188,7 +188,7 @@ def test_batched_solve_of_experts_matches_dense_oracle():
 
 def test_default_targets_cover_experts_and_name_the_routers():
     model = tiny_moe("qwen3_moe")
-    with pytest.warns(lora_da.user_warnings.TargetsWarning, match=r"routers \(not nn\.Linear\): 'model\.layers\.\*\.mlp\.gate' \(2\)") as record:
+    with pytest.warns(lora_da.user_warnings.TargetsWarning, match=r"routers: 'model\.layers\.\*\.mlp\.gate' \(2\)") as record:
         targets = find_target_modules(model, None, rank=2)
     assert len(record) == 1
     assert "model.layers.1.mlp.experts.3.down_proj" in targets
@@ -241,3 +241,15 @@ def test_experts_and_stats_checkpoint_are_refused(tmp_path):
             tiny_moe("qwen3_moe"), data(), rank=2, target_modules=["experts"], progress=False,
             stats_checkpoint=str(tmp_path / "s.ckpt"),
         )
+
+
+def test_cntlora_refuses_experts_before_any_pass():
+    with pytest.raises(ValueError, match=r"cntlora picks a rank per module, but the experts .*'model\.layers\.0\.mlp\.experts\.0\.gate_up_proj'"):
+        lora_da.initialize(tiny_moe("qwen3_moe"), iter(()), rank=2, method="cntlora", target_modules=["experts"])
+
+
+@pytest.mark.parametrize("method", ["lora-ga", "lora-one", "fisher-subspace"])
+def test_other_data_methods_serve_experts(method):
+    init = lora_da.initialize(tiny_moe("qwen3_moe"), data(), rank=2, method=method, target_modules=["experts"], progress=False)
+    solved = [n for n in init.experts if n not in init.expert_fallbacks]
+    assert solved and all(torch.isfinite(init.modules[n].lora_A).all() for n in solved)

@@ -62,7 +62,7 @@ def test_family_experts_are_default_targets_and_captured_faithfully(family):
     with pytest.warns(TargetsWarning) as record:
         targets = find_target_modules(model, None, rank=2)
     message = str(record[0].message)
-    assert len(record) == 1 and f"routers (not nn.Linear): 'model.layers.*.{ROUTERS[family]}' (2)" in message
+    assert len(record) == 1 and f"routers: 'model.layers.*.{ROUTERS[family]}' (2)" in message
     experts = [n for n in targets if ".experts." in n and not n.split(".experts.")[1].startswith("shared")]
     assert len(experts) == 2 * 2 * 4
     stats = collect_statistics(model, data(), targets)  # raises if the capture differs from the module's forward

@@ -84,6 +84,7 @@ class _LiveInput:
 
     rows: Optional[torch.Tensor]
     group_index: int
+    weights: Optional[torch.Tensor] = None  # the rows' token weights (None: all 1)
     members: List[str] = field(default_factory=list)
     pending: int = 0
 
@@ -108,6 +109,9 @@ class Collector:
         # (slot i: the i-th target run); kept after end_batch for check_batch_finite
         self.forward_order: List[str] = []
         self.output_sums: Optional[torch.Tensor] = None
+        # nn.Linear experts (lora_da.expert_collector.LinearExpertRouting): targets that may skip a
+        # batch, and per batch their own rows' token weights, row count and kept-token count
+        self.routed: set = set()
         self._reset_batch()
 
     # -- per-batch state ------------------------------------------------------------
@@ -120,6 +124,9 @@ class Collector:
         self.live_by_module: Dict[str, _LiveInput] = {}
         self.gradients_seen: set = set()
         self.batch_rows: Optional[int] = None
+        self.row_weights: Dict[str, Optional[torch.Tensor]] = {}
+        self.row_rows: Dict[str, int] = {}
+        self.row_counts: Dict[str, int] = {}
 
     def start_batch(
         self, token_weights: Optional[torch.Tensor], device: torch.device, all_tokens_kept: bool = False
@@ -252,6 +259,8 @@ class Collector:
 
     def end_batch(self, batch_index: int) -> None:
         for name in self.modules:
+            if name in self.routed and name not in self.live_by_module:
+                continue  # an expert that got no token in this batch
             if name not in self.live_by_module:
                 raise RuntimeError(
                     f"target module '{name}' was not called in batch {batch_index}; "
@@ -295,13 +304,17 @@ class Collector:
         if not inputs.is_floating_point():
             raise TypeError(f"module '{name}' got a {inputs.dtype} input; LoRA-DA needs floating-point activations")
         rows = inputs.numel() // d_in
-        if self.expected_rows is not None and rows != self.expected_rows:
+        routed = name in self.row_rows  # an nn.Linear expert: only the tokens routed to it
+        weights = self.row_weights.get(name) if routed else self.token_weights
+        if routed and rows != self.row_rows[name]:
+            raise ValueError(f"expert module '{name}' got {rows} rows but {self.row_rows[name]} tokens were routed to it")
+        if not routed and self.expected_rows is not None and rows != self.expected_rows:
             raise ValueError(
                 f"module '{name}' got input of shape {tuple(inputs.shape)} ({rows} tokens) but the "
                 f"token mask has {self.expected_rows} entries; pass token_mask=None or a "
                 "callable that matches the module's inputs"
             )
-        if self.batch_rows is None:
+        if self.batch_rows is None and not routed:
             self.batch_rows = rows
         self._record_output(name, output)
 
@@ -322,10 +335,10 @@ class Collector:
                     )
                 )
             with self.clock.measure():
-                self.backend.accumulate_input_factor(
-                    self.stats.groups[group_index].input_factor_sum, flat, self.token_weights
-                )
-            live = _LiveInput(rows=flat, group_index=group_index)
+                self.backend.accumulate_input_factor(self.stats.groups[group_index].input_factor_sum, flat, weights)
+            if routed:
+                self.stats.groups[group_index].num_tokens += self.row_counts[name]
+            live = _LiveInput(rows=flat, group_index=group_index, weights=weights)
             self.live_by_key[key] = live
         if name not in self.group_of:  # first batch: join the group of this input
             self.group_of[name] = live.group_index
@@ -341,6 +354,8 @@ class Collector:
             )
         live.members.append(name)
         self.live_by_module[name] = live
+        if routed:
+            self.stats.modules[name].num_tokens += self.row_counts[name]
         if self.forward_only:  # Z only; `live` keeps the input alive until the batch ends, so
             return None  # that its storage is not reused by another input (sharing is detected by address)
         live.pending += 1
@@ -380,7 +395,7 @@ class Collector:
                     stats.grad_sum,
                     grad.reshape(-1, out_features),
                     live.rows,
-                    self.token_weights,
+                    live.weights,
                 )
             self.gradients_seen.add(name)
             live.pending -= 1

@@ -18,6 +18,7 @@ import types
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .experts import ExpertSlice
@@ -25,17 +26,27 @@ from .statistics import InputGroup, ModuleStatistics
 
 
 def split_expert_targets(
-    targets: Dict[str, object], stats_checkpoint: Optional[str] = None
-) -> Tuple[Dict[str, nn.Module], Dict[str, ExpertSlice]]:
-    """``(hooked modules, expert targets)``; experts with a statistics checkpoint are refused
-    (their per-expert token counts are not stored in one yet)."""
+    model: nn.Module, targets: Dict[str, object], stats_checkpoint: Optional[str] = None
+) -> Tuple[Dict[str, nn.Module], Dict[str, ExpertSlice], dict]:
+    """``(hooked modules, fused expert targets, containers of nn.Linear experts)``
+    (:func:`linear_expert_containers`). Experts with a statistics checkpoint or under
+    torch.distributed are refused: their own token counts are neither checkpointed nor
+    all-reduced yet."""
     experts = {name: t for name, t in targets.items() if isinstance(t, ExpertSlice)}
-    if experts and stats_checkpoint is not None:
+    hooked = {name: t for name, t in targets.items() if name not in experts}
+    containers = linear_expert_containers(model, hooked)
+    example = next(iter(experts), None) or next((m[0] for _, by in containers.values() for m in by.values()), None)
+    if example is not None and dist.is_available() and dist.is_initialized():
         raise ValueError(
-            f"stats_checkpoint is not supported with MoE expert targets (e.g. '{next(iter(experts))}'): "
+            f"MoE expert targets (e.g. '{example}') are not supported under torch.distributed yet: "
+            "their per-expert token counts are not all-reduced; leave the experts out of target_modules"
+        )
+    if example is not None and stats_checkpoint is not None:
+        raise ValueError(
+            f"stats_checkpoint is not supported with MoE expert targets (e.g. '{example}'): "
             "their per-expert token counts are not checkpointed; drop stats_checkpoint or the experts"
         )
-    return {name: t for name, t in targets.items() if name not in experts}, experts
+    return hooked, experts, containers
 
 
 class _Plan:
@@ -176,6 +187,7 @@ class ExpertCapture:
                 InputGroup(members=(name,), input_factor_sum=torch.zeros(d_in, d_in, dtype=dtype, device=x.device))
             )
             collector.group_of[name] = group_index
+            stats.routed.add(name)
             with_gradients = not collector.forward_only
             stats.modules[name] = ModuleStatistics(
                 name=name,
@@ -214,3 +226,88 @@ class ExpertCapture:
                 f"experts module '{plan.module_name}' ({type(plan.module).__name__}) computes something other than "
                 "transformers' fused experts layout that lora-da reproduces; leave it out of target_modules"
             )
+
+
+# -- nn.Linear experts in a container (SwitchTransformers) ----------------------------------
+
+
+def linear_expert_containers(model: nn.Module, targets: Dict[str, object]) -> Dict[str, Tuple[nn.Module, Dict[int, List[str]]]]:
+    """``{container name: (container, {expert index: its linear targets})}`` for containers of
+    ``nn.Linear`` experts: a module with an int ``num_experts`` and that many children (expert
+    ``e`` the ``e``-th), called as ``(hidden_states, routing, weights)``."""
+    found = {}
+    for name, module in model.named_modules():
+        count = getattr(module, "num_experts", None)
+        children = list(module.named_children())
+        if not isinstance(count, int) or len(children) != count or looks_fused(module):
+            continue
+        by_expert: Dict[int, List[str]] = {}
+        for index, (child_name, _) in enumerate(children):
+            prefix = f"{name}.{child_name}." if name else f"{child_name}."
+            members = [t for t in targets if t.startswith(prefix) and not isinstance(targets[t], ExpertSlice)]
+            if members:
+                by_expert[index] = members
+        if by_expert:
+            found[name] = (module, by_expert)
+    return found
+
+
+def looks_fused(module: nn.Module) -> bool:
+    return any(p.dim() == 3 for p in module.parameters(recurse=False))
+
+
+class LinearExpertRouting:
+    """A forward pre-hook on each container of ``nn.Linear`` experts: before the experts run, it
+    reads the routing and gives each expert's linear targets their own rows' token weights and
+    count (``collector.row_weights`` / ``row_counts``, one host read per call). Such targets may
+    skip a batch (``collector.routed``): an expert that got no token contributes nothing."""
+
+    def __init__(self, collector, containers) -> None:
+        self.collector = collector
+        self.containers = containers
+        for _, by_expert in containers.values():
+            for members in by_expert.values():
+                collector.routed.update(members)
+        collector.stats.routed = set(collector.routed)
+
+    def install(self, handles: list) -> None:
+        for name, (module, by_expert) in self.containers.items():
+            handles.append(module.register_forward_pre_hook(self._hook(name, module, by_expert), with_kwargs=True))
+
+    def _hook(self, name: str, module: nn.Module, by_expert: Dict[int, List[str]]):
+        def hook(mod, args, kwargs):
+            values = list(args) + list(kwargs.values())
+            if not self.collector.active or len(values) < 2:
+                return None
+            hidden, routing = values[0], values[1]
+            rows = hidden.reshape(-1, hidden.shape[-1]).shape[0]
+            if routing.dim() == 3 and routing.shape[-1] == module.num_experts:  # one-hot (T, k, E)
+                mask = routing.permute(2, 1, 0) != 0  # (E, k, T), as the container reads it
+            elif routing.dim() == 2 and not routing.is_floating_point():  # indices (T, k)
+                mask = torch.stack([(routing == e).T for e in range(module.num_experts)])
+            else:
+                raise ValueError(
+                    f"experts container '{name}' got a routing tensor of shape {tuple(routing.shape)}; expected "
+                    f"one-hot (T, k, {module.num_experts}) or indices (T, k)"
+                )
+            weights = self.collector.token_weights
+            masses, per_expert = [], {}
+            for expert in by_expert:
+                _, token = torch.where(mask[expert])  # the container's row order
+                per_expert[expert] = token
+                kept = weights[token].sum(dtype=torch.float64) if weights is not None else torch.tensor(
+                    float(token.numel()), dtype=torch.float64, device=token.device
+                )
+                masses.append(torch.stack([kept, torch.tensor(float(token.numel()), dtype=torch.float64, device=token.device)]))
+            counts = torch.stack(masses).tolist() if masses else []
+            if self.collector.batch_rows is None:
+                self.collector.batch_rows = rows
+            for (expert, members), (kept, _) in zip(by_expert.items(), counts):
+                token = per_expert[expert]
+                for member in members:
+                    self.collector.row_weights[member] = None if weights is None else weights[token]
+                    self.collector.row_rows[member] = int(token.numel())
+                    self.collector.row_counts[member] = int(round(kept))
+            return None
+
+        return hook

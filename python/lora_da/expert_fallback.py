@@ -1,6 +1,7 @@
 """Experts that saw too few calibration tokens: PEFT's default init instead (docs/math.md §2.1).
 
-A data-aware method estimates ``Z_e``, ``y_e`` and ``G_e`` of expert ``e`` from
+The same holds for ``nn.Linear`` experts in a container (SwitchTransformers), whose
+statistics also count their own routed tokens. A data-aware method estimates ``Z_e``, ``y_e`` and ``G_e`` of expert ``e`` from
 the tokens routed to it. An expert that got fewer than ``rank`` kept tokens
 (often none: routing is sparse) gives no usable estimate, so it gets the
 ``lora`` method's init (Kaiming-uniform ``A``, ``B = 0``: the adapter starts as the
@@ -14,6 +15,7 @@ from typing import Dict
 import torch
 
 from .experts import ExpertSlice
+from .layers import linear_dims
 from .methods.base import SolveContext
 from .methods.lora import kaiming_lora_factors
 from .module_init import ModuleInit, make_module_init
@@ -30,15 +32,16 @@ def take_sparse_experts(context: SolveContext) -> Dict[str, ModuleInit]:
     sparse = [
         name
         for name in context.names
-        if isinstance(context.targets[name], ExpertSlice) and (name not in stats.modules or stats.tokens(name) < rank)
+        if (isinstance(context.targets[name], ExpertSlice) or name in stats.routed)
+        and (name not in stats.modules or stats.tokens(name) < rank)
     ]
     if not sparse:
         return {}
     generator = torch.Generator().manual_seed(context.settings.seed)
     inits = {}
     for name in sparse:
-        target = context.targets[name]
-        lora_A, lora_B = kaiming_lora_factors(target.in_features, target.out_features, rank, generator)
+        d_in, d_out = linear_dims(context.targets[name])
+        lora_A, lora_B = kaiming_lora_factors(d_in, d_out, rank, generator)
         inits[name] = make_module_init(name, lora_A, lora_B, torch.zeros(0), 0.0)
     context.names = [name for name in context.names if name not in inits]
     return inits

@@ -235,9 +235,9 @@ class LoraInit:
             "backends: " + ", ".join(f"{phase}={backend}" for phase, backend in self.backends.items()),
             f"statistics: {self.passes} pass(es) over the data, peak {self.statistics_bytes / 2**20:.1f} MiB",
         ]
-        if self.experts:
+        if self.experts or self.expert_fallbacks:
             lines.append(
-                f"experts: {len(self.experts)} expert matrices, {len(self.expert_fallbacks)} with fewer than "
+                f"experts: {len(self.experts)} fused expert matrices, {len(self.expert_fallbacks)} experts with fewer than "
                 f"rank routed tokens (PEFT's default init)"
             )
         return "\n".join(lines)

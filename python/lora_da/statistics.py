@@ -15,7 +15,7 @@ The pass that fills them is :func:`lora_da.statistics_pass.collect_statistics`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -62,6 +62,7 @@ class KFACStatistics:
         tensors += [t for m in self.modules.values() for t in (m.grad_sum, m.output_factor_diag_sum) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
     has_gradients: bool = True  # False after a forward-only pass (only Z)
+    routed: set = field(default_factory=set)  # nn.Linear experts: their own token counts (num_tokens)
 
     def _require_gradients(self, name: str) -> None:
         if not self.has_gradients or self.modules[name].grad_sum is None:
@@ -71,7 +72,8 @@ class KFACStatistics:
 
     def tokens(self, name: str) -> int:
         """``|T|`` of module ``name``: its own count when the pass kept one (experts), else the pass's."""
-        return self.modules[name].num_tokens or self.num_tokens
+        own = self.modules[name].num_tokens
+        return own if own or name in self.routed else self.num_tokens
 
     def gradient(self, name: str) -> torch.Tensor:
         """``G = (1/n) Σ_samples ∇_W ℓ_sample`` (``d_out x d_in``)."""
@@ -81,12 +83,13 @@ class KFACStatistics:
     def input_factor(self, name: str) -> torch.Tensor:
         """``(1/|T|) Σ_t a_t a_tᵀ`` of the module's input group, *without* damping."""
         group = self.groups[self.modules[name].group_index]
-        return group.input_factor_sum / (group.num_tokens or self.num_tokens)
+        own = group.num_tokens or not self.routed.isdisjoint(group.members)
+        return group.input_factor_sum / (group.num_tokens if own else self.num_tokens)
 
     def output_factor_diag(self, name: str) -> torch.Tensor:
         """``y = (1/|T|) Σ_t g_t ⊙ g_t``, *without* damping."""
         self._require_gradients(name)
-        return self.modules[name].output_factor_diag_sum / (self.modules[name].num_tokens or self.num_tokens)
+        return self.modules[name].output_factor_diag_sum / self.tokens(name)
 
     def check_totals(self) -> None:
         """Raise ``ValueError`` when no batch, token or sample was seen; then :meth:`check_finite`."""

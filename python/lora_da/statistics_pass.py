@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .checkpoint import StatisticsCheckpoint
 from .fingerprint import statistics_fingerprint
 from .collector import Collector
-from .expert_collector import ExpertCapture, split_expert_targets
+from .expert_collector import ExpertCapture, LinearExpertRouting, split_expert_targets
 from .kernels.dispatch import select_backend
 from .losses import (
     IGNORE_INDEX,
@@ -76,8 +76,10 @@ def collect_statistics(
     loss_fn = loss_fn or causal_lm_per_sample_loss
     device = model_device(model)
     backend = select_backend(device, stats_backend, model_dtype(model))
-    hooked, experts = split_expert_targets(modules, stats_checkpoint)  # experts: captured by their module's forward
+    # fused experts: captured by their module's forward; nn.Linear experts: their rows from the routing
+    hooked, experts, containers = split_expert_targets(model, modules, stats_checkpoint)
     collector = Collector(hooked, backend, forward_only=forward_only, device=device)
+    routing = LinearExpertRouting(collector, containers)
     stats = collector.stats
     stats.backend = backend.name
     try:
@@ -114,6 +116,7 @@ def collect_statistics(
             handles.append(module.register_forward_hook(collector.forward_hook(name), with_kwargs=True))
         if experts:
             handles.append(ExpertCapture(collector, experts).install())
+        routing.install(handles)
 
         bar = tqdm(total=total, desc="lora-da statistics", unit="batch", disable=not progress, leave=False)
         try:

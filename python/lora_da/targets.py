@@ -49,7 +49,7 @@ def _default_targets(model: nn.Module, rank: int) -> Tuple[Dict[str, object], Di
     head = output_head(model)
     found: Dict[str, object] = {}
     small = f"smaller than rank {rank}"
-    unread, routers = "experts of a layout lora-da cannot read", "routers (not nn.Linear)"
+    unread, routers = "experts of a layout lora-da cannot read", "routers"
     left_out: Dict[str, List[str]] = {"output heads": [], small: [], unread: [], routers: []}
     skip_under: List[str] = []
     for name, module in model.named_modules():
@@ -62,7 +62,10 @@ def _default_targets(model: nn.Module, rank: int) -> Tuple[Dict[str, object], Di
         if is_linear_like(module):
             if module is head:
                 continue  # the LM head: documented, no warning
-            if _is_head(name):
+            parent_name = name.rpartition(".")[0]
+            if "Router" in type(model.get_submodule(parent_name) if parent_name else model).__name__:
+                left_out[routers].append(name)  # an nn.Linear router (SwitchTransformers' router.classifier)
+            elif _is_head(name):
                 left_out["output heads"].append(name)
             elif rank > min(linear_dims(module)):
                 left_out[small].append(name)
@@ -140,7 +143,7 @@ def find_target_modules(model: nn.Module, target_modules: TargetModules, rank: i
     (anything under a module named ``classifier``, ``score`` or ``qa_outputs``,
     or a PEFT ``modules_to_save`` wrapper), and targets with ``min(d_in, d_out) < rank``
     (e.g. Qwen2-MoE's ``shared_expert_gate``). Those, and what cannot be served
-    (routers, which are not ``nn.Linear``; experts of a layout lora-da cannot
+    (MoE routers; experts of a layout lora-da cannot
     read), are listed in one :class:`~lora_da.user_warnings.TargetsWarning`.
     A list of names uses PEFT's suffix rule; a string is a full-match regular
     expression; an experts module (``mlp.experts``) or one of its fused
