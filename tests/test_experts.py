@@ -2,6 +2,7 @@
 statistics against a float64 recomputation written here, per-expert token counts, fallback,
 targeting, the model left as found."""
 
+import copy
 from collections import defaultdict
 
 import pytest
@@ -150,20 +151,23 @@ def test_unrouted_expert_gets_the_fallback_and_is_counted():
     model = tiny_moe("qwen3_moe", num_experts=8)
     router = model.model.layers[0].mlp.gate
 
-    def never_five(hidden):  # Qwen3-MoE's routing, with expert 5 of layer 0 never chosen
+    def routing(hidden):  # Qwen3-MoE's routing; layer 0: expert 5 never chosen, expert 6 by the first token only
         logits = nn.functional.linear(hidden.reshape(-1, router.hidden_dim), router.weight)
         logits[:, 5] = float("-inf")
+        logits[1:, 6] = float("-inf")
+        logits[0, 6] = logits[0, :5].max() + 5.0
         top, index = torch.topk(torch.softmax(logits, dim=-1), router.top_k, dim=-1)
         return logits, top / top.sum(-1, keepdim=True), index
 
-    router.forward = never_five
-    loader = data()
-    init = lora_da.initialize(model, loader, rank=2, target_modules=["experts"], progress=False)
-    stats = collect_statistics(model, loader, find_target_modules(model, ["experts"], rank=2))
+    router.forward = routing
+    loader = data()  # 2 batches: expert 6 gets 2 kept tokens, fewer than rank 3
+    init = lora_da.initialize(model, loader, rank=3, target_modules=["experts"], progress=False)
+    stats = collect_statistics(model, loader, find_target_modules(model, ["experts"], rank=3))
     unrouted = {"model.layers.0.mlp.experts.5.gate_up_proj", "model.layers.0.mlp.experts.5.down_proj"}
+    sparse = {"model.layers.0.mlp.experts.6.gate_up_proj", "model.layers.0.mlp.experts.6.down_proj"}
     assert unrouted.isdisjoint(stats.modules)
-    sparse = {n for n in stats.modules if stats.tokens(n) < 2}
-    assert set(init.expert_fallbacks) == unrouted | sparse
+    assert all(stats.tokens(n) == 2 for n in sparse)
+    assert set(init.expert_fallbacks) == unrouted | sparse | {n for n in stats.modules if stats.tokens(n) < 3}
     assert init.report()["expert_fallbacks"] == init.expert_fallbacks
     for name in init.expert_fallbacks:
         assert torch.count_nonzero(init.modules[name].lora_B) == 0  # PEFT's default: B = 0
@@ -253,3 +257,30 @@ def test_other_data_methods_serve_experts(method):
     init = lora_da.initialize(tiny_moe("qwen3_moe"), data(), rank=2, method=method, target_modules=["experts"], progress=False)
     solved = [n for n in init.experts if n not in init.expert_fallbacks]
     assert solved and all(torch.isfinite(init.modules[n].lora_A).all() for n in solved)
+
+
+def test_grouped_mm_model_gives_the_statistics_of_the_eager_one():
+    eager = tiny_moe("qwen3_moe", dtype=torch.float32)
+    grouped = copy.deepcopy(eager)
+    for module in experts_modules(grouped).values():
+        module.config = copy.copy(module.config)
+        module.config._experts_implementation = "grouped_mm"  # transformers' default on CPU float32
+    loader = data()
+    targets = lambda m: find_target_modules(m, ["experts"], rank=2)  # noqa: E731
+    a, b = collect_statistics(eager, loader, targets(eager)), collect_statistics(grouped, loader, targets(grouped))
+    assert set(a.modules) == set(b.modules)
+    for name in a.modules:  # the same captured loop runs in both: equal sums
+        torch.testing.assert_close(b.input_factor(name), a.input_factor(name), rtol=0, atol=0)
+        torch.testing.assert_close(b.gradient(name), a.gradient(name), rtol=0, atol=0)
+
+
+def test_experts_split_over_passes_by_max_memory_give_the_same_init():
+    model = tiny_moe("qwen3_moe")
+    loader = data()
+    whole = lora_da.initialize(model, loader, rank=2, target_modules=["experts"], solver="eigh", progress=False)
+    split = lora_da.initialize(model, loader, rank=2, target_modules=["experts"], solver="eigh", progress=False,
+                               max_memory=9000)  # bytes: two experts' statistics per pass
+    assert split.passes > 4 and split.expert_fallbacks == whole.expert_fallbacks
+    for name, m in whole.modules.items():
+        torch.testing.assert_close(split.modules[name].lora_B @ split.modules[name].lora_A, m.lora_B @ m.lora_A,
+                                   rtol=1e-9, atol=1e-12)
