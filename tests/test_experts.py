@@ -3,6 +3,7 @@ statistics against a float64 recomputation written here, per-expert token counts
 targeting, the model left as found."""
 
 import copy
+import json
 from collections import defaultdict
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 
 import lora_da
 from lora_da.models import batches, synthetic_samples
+from lora_da.report import write_report
 from lora_da.statistics_pass import collect_statistics
 from lora_da.targets import find_target_modules
 
@@ -147,7 +149,7 @@ def test_per_expert_statistics_match_float64_recomputation(family):
     assert len(set(counts)) > 1 and max(counts) < stats.num_tokens  # each expert its own count, not the pass's
 
 
-def test_unrouted_expert_gets_the_fallback_and_is_counted():
+def test_unrouted_expert_gets_the_fallback_and_is_counted(tmp_path):
     model = tiny_moe("qwen3_moe", num_experts=8)
     router = model.model.layers[0].mlp.gate
 
@@ -175,6 +177,8 @@ def test_unrouted_expert_gets_the_fallback_and_is_counted():
     solved = [n for n in init.modules if n not in init.expert_fallbacks]
     assert solved and all(torch.count_nonzero(init.modules[n].lora_B) > 0 for n in solved)
     assert f"{len(init.expert_fallbacks)} experts with fewer than rank" in init.summary()
+    write_report(init, str(tmp_path), visual=False)  # fallbacks have no eigenvalues of Ω
+    assert json.loads((tmp_path / "lora_da_report.json").read_text())["expert_fallbacks"] == init.expert_fallbacks
 
 
 def test_batched_solve_of_experts_matches_dense_oracle():
