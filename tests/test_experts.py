@@ -288,3 +288,11 @@ def test_experts_split_over_passes_by_max_memory_give_the_same_init():
     for name, m in whole.modules.items():
         torch.testing.assert_close(split.modules[name].lora_B @ split.modules[name].lora_A, m.lora_B @ m.lora_A,
                                    rtol=1e-9, atol=1e-12)
+
+
+def test_offloaded_experts_are_refused_by_name():
+    model = tiny_moe("qwen3_moe", dtype=torch.float32)
+    experts = model.model.layers[1].mlp.experts
+    experts.down_proj = nn.Parameter(torch.empty_like(experts.down_proj, device="meta"))
+    with pytest.raises(ValueError, match=r"experts 'model\.layers\.1\.mlp\.experts\.down_proj' are on the meta device"):
+        lora_da.initialize(model, data(), rank=2, target_modules=["experts"], progress=False)

@@ -41,6 +41,12 @@ def split_expert_targets(
             f"MoE expert targets (e.g. '{example}') are not supported under torch.distributed yet: "
             "their per-expert token counts are not all-reduced; leave the experts out of target_modules"
         )
+    offloaded = next((t for t in experts.values() if getattr(t.experts, t.parameter_name).is_meta), None)
+    if offloaded is not None:
+        raise ValueError(
+            f"experts '{offloaded.parameter_key}' are on the meta device (offloaded by a device_map?): the pass "
+            "computes the experts itself and needs their weights; load the model without offloading the experts"
+        )
     if example is not None and stats_checkpoint is not None:
         raise ValueError(
             f"stats_checkpoint is not supported with MoE expert targets (e.g. '{example}'): "
