@@ -144,7 +144,7 @@ def failing_loss(model, batch):
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(rank=17), ValueError, r"rank=17 exceeds min\(d_in, d_out\)=16 of module 'model.layers.0.self_attn.k_proj'"),
+        (dict(rank=17, target_modules=["k_proj"]), ValueError, r"rank=17 exceeds min\(d_in, d_out\)=16 of module 'model.layers.0.self_attn.k_proj'"),
         (dict(target_modules=["nonexistent"]), ValueError, "no module of LlamaForCausalLM matched"),
         (dict(target_modules=["model.norm"]), ValueError, "'model.norm' is a LlamaRMSNorm, not an nn.Linear"),
         (dict(loader="empty"), ValueError, "the loader yielded no batches"),
@@ -326,7 +326,8 @@ def test_one_shot_loader_refused_when_several_passes_are_needed():
     before = model_fingerprint(model)
     one_shot = iter(list(batches(synthetic_samples(4), 2)))
     targets = find_target_modules(model, None, 2)
-    largest_module = max(module_statistics_bytes(m, 4) for m in targets.values()) + solve_reserve(targets)
+    # float32 model, statistics_precision "auto": G, y in float32, Z in float64
+    largest_module = max(module_statistics_bytes(m, 4, 8) for m in targets.values()) + solve_reserve(targets)
     with pytest.raises(ValueError, match="one-shot iterator.*max_memory|max_memory.*one-shot iterator"):
         lora_da.initialize(model, one_shot, rank=2, progress=False, max_memory=largest_module)
     assert_same_fingerprint(before, model_fingerprint(model))
@@ -447,8 +448,8 @@ def test_each_pass_frees_the_previous_pass_statistics_before_collecting(monkeypa
     model = tiny_llama(num_layers=3)
     targets = find_target_modules(model, None, 2)
     layer_budget = solve_reserve(targets) + sum(
-        module_statistics_bytes(m, 4) for name, m in targets.items() if layer_of(name) == "model.layers.0"
-    )
+        module_statistics_bytes(m, 4, 8) for name, m in targets.items() if layer_of(name) == "model.layers.0"
+    )  # float32 model: G, y in float32, Z in float64 (statistics_precision "auto")
     init = lora_da.initialize(model, list(batches(synthetic_samples(6), 3)), rank=2, progress=False,
                               max_memory=layer_budget)
     assert init.passes == len(earlier) == 3

@@ -1,49 +1,42 @@
 """Resumable statistics: atomic, checksummed checkpoints of the accumulated sums.
 
-``initialize(..., stats_checkpoint=PATH, checkpoint_every=K)`` saves the
-statistics every K processed batches and at the end of the pass. A rerun with
-the same arguments loads the file, skips the batches it already holds (the
-loader must yield the same batches in the same order) and goes on from there;
-a finished pass is not run again.
+``initialize(..., stats_checkpoint=PATH, checkpoint_every=K)`` saves the statistics every K
+processed batches and at the end of the pass. A rerun with the same arguments loads the file, skips
+the batches it already holds (the loader must yield the same batches in the same order) and goes on
+from there; a finished pass is not run again.
 
-File format (``lora-da-statistics/3``): a safetensors file. Its tensors are the
-sums, ``Z.<g>`` (``Σ m a aᵀ`` of input group ``g``) and, after a full pass,
-``G.<j>`` / ``y.<j>`` (gradient sum and output-factor diagonal of the ``j``-th
-module); its metadata holds one entry, ``lora_da``: a canonical JSON header
-``{"format", "fingerprint", "counts", "forward_only", "groups", "modules",
-"sha256"}``; each group is ``{"members", "num_tokens"}`` and each module
-``{"name", "group", "num_tokens"}`` (its own token count, docs/math.md §2).
-``sha256`` is the SHA-256 of the canonical JSON of the header
-without ``sha256``, a NUL byte, then the bytes of every tensor in header order:
+File format (``lora-da-statistics/3``): a safetensors file. Its tensors are the sums, ``Z.<g>``
+(``Σ m a aᵀ`` of input group ``g``) and, after a full pass, ``G.<j>`` / ``y.<j>`` (gradient sum and
+output-factor diagonal of the ``j``-th module); its metadata holds one entry, ``lora_da``: a
+canonical JSON header ``{"format", "fingerprint", "counts", "forward_only", "groups", "modules",
+"sha256"}``; each group is ``{"members", "num_tokens"}`` and each module ``{"name", "group",
+"num_tokens"}`` (its own token count, docs/math.md §2). ``sha256`` is the SHA-256 of the canonical
+JSON of the header without ``sha256``, a NUL byte, then the bytes of every tensor in header order:
 it covers everything in the file but itself.
 
-The fingerprint records what the sums depend on (target modules and their
-dims, the model's parameters — names, shapes, dtypes and a content digest over
-the whole of every parameter —, token mask, loss function, statistics
-backend); a checkpoint with another fingerprint is refused with the differences
-named.
+The fingerprint records what the sums depend on (target modules and their dims, the model's
+parameters — names, shapes, dtypes and a content digest over the whole of every parameter —, token
+mask, loss function, statistics backend); a checkpoint with another fingerprint is refused with the
+differences named.
 
-What protects what. The digest is not a signature (anyone can recompute it);
-it catches corruption, truncation (with safetensors' own offset checks) and a
-field edited without recomputing it; a file of another configuration is caught
-by the fingerprint, one of another format by the format field. The defence against a hostile file is that loading runs no code (no
-pickle: safetensors and JSON only; torch.save files are refused unread) and
-that every field is validated before use: the format; the fingerprint against
-this run's; counts are non-negative ints with ``skipped_batches <=
-num_batches``, and groups/modules are present exactly when a batch was
-processed; every group's and module's ``num_tokens`` is a non-negative int;
-every target module appears once, in one input group whose members
-share its input dim; tensors are exactly the expected ones, float32/float64,
-shaped by the fingerprint's dims, a module's ``G`` and ``y`` of one dtype, and
-finite. Everything is loaded on the CPU and then moved to the model's device.
-Refusals are one-line ``ValueError`` naming the file and what is wrong.
+What protects what. The digest is not a signature (anyone can recompute it); it catches corruption,
+truncation (with safetensors' own offset checks) and a field edited without recomputing it; a file
+of another configuration is caught by the fingerprint, one of another format by the format field.
+The defence against a hostile file is that loading runs no code (no pickle: safetensors and JSON
+only; torch.save files are refused unread) and that every field is validated before use: the format;
+the fingerprint against this run's; counts are non-negative ints with ``skipped_batches <=
+num_batches``, and groups/modules are present exactly when a batch was processed; every group's and
+module's ``num_tokens`` is a non-negative int; every target module appears once, in one input group
+whose members share its input dim; tensors are exactly the expected ones, float32/float64, shaped by
+the fingerprint's dims, a module's ``G`` and ``y`` of one dtype, and finite. Everything is loaded on
+the CPU and then moved to the model's device. Refusals are one-line ``ValueError`` naming the file
+and what is wrong.
 
-Writing: a temporary ``.lora-da-stats-<name>.<8 hex>.tmp`` in the same
-directory (created with mode ``0666 & ~umask``, like any file the user
-creates), fsync'ed and renamed over PATH, so PATH always holds the last
-complete checkpoint, also after a kill. Temporaries of this exact pattern left
-by a killed run, owned by this user and not modified for an hour, are removed
-when the next run opens the checkpoint; nothing else is touched.
+Writing: a temporary ``.lora-da-stats-<name>.<8 hex>.tmp`` in the same directory (created with mode
+``0666 & ~umask``, like any file the user creates), fsync'ed and renamed over PATH, so PATH always
+holds the last complete checkpoint, also after a kill. Temporaries of this exact pattern left by a
+killed run, owned by this user and not modified for an hour, are removed when the next run opens the
+checkpoint; nothing else is touched.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ statistics).
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -95,13 +95,17 @@ def solve_budget(budget: int, statistics_bytes: int, reserve: int, given: bool) 
     return left if given else min(left, max(statistics_bytes, reserve))
 
 
-def module_statistics_bytes(module: nn.Module, element_size: int) -> int:
-    """Upper bound of one module's statistics: G, y and a Z of its own."""
+def module_statistics_bytes(module: nn.Module, element_size: int, input_factor_size: Optional[int] = None) -> int:
+    """Upper bound of one module's statistics: G and y (``element_size`` bytes each entry) and a
+    Z of its own (``input_factor_size``, default ``element_size``: Z may be float64 alone)."""
     d_in, d_out = linear_dims(module)
-    return (d_out * d_in + d_out + d_in * d_in) * element_size
+    z_size = element_size if input_factor_size is None else input_factor_size
+    return (d_out * d_in + d_out) * element_size + d_in * d_in * z_size
 
 
-def plan_passes(modules: Dict[str, nn.Module], budget: int, element_size: int) -> List[Dict[str, nn.Module]]:
+def plan_passes(
+    modules: Dict[str, nn.Module], budget: int, element_size: int, input_factor_size: Optional[int] = None
+) -> List[Dict[str, nn.Module]]:
     """Split ``modules`` (in order) into passes whose statistics fit ``budget`` bytes.
 
     Whole layers go together; a layer that alone exceeds the budget is split
@@ -124,7 +128,7 @@ def plan_passes(modules: Dict[str, nn.Module], budget: int, element_size: int) -
         used += size
 
     for layer_modules in layers.values():
-        sizes = {name: module_statistics_bytes(m, element_size) for name, m in layer_modules.items()}
+        sizes = {name: module_statistics_bytes(m, element_size, input_factor_size) for name, m in layer_modules.items()}
         if sum(sizes.values()) <= budget:
             add(layer_modules, sum(sizes.values()))
             continue

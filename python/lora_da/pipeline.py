@@ -21,6 +21,9 @@ from torch import nn
 
 from . import distributed, distributed_agreement
 from .config import LoraDAConfig
+from .expert_fallback import take_sparse_experts
+from .experts import expert_layout
+from .kernels.dispatch import select_backend
 from .layers import is_conv1d
 from .memory import is_reiterable, plan_passes, solve_budget, solve_reserve, statistics_budget, statistics_share
 from .memory_peaks import PhasePeaks, PhaseTimings, release_free_memory
@@ -54,8 +57,11 @@ def plan(model: nn.Module, loader: Any, method: Method, targets: Dict[str, nn.Mo
     group for a method that reads no data)."""
     if not method.needs_data:
         return [targets]
-    element_size = 8 if model_dtype(model) == torch.float64 else 4  # the statistics' accumulator dtype
-    passes = plan_passes(targets, statistics_share(budget, targets), element_size)
+    # the statistics' accumulator dtypes: G, y and Z each float64 or float32 (statistics_precision)
+    dtype = model_dtype(model)
+    backend = select_backend(model_device(model), config.stats_backend, dtype, config.statistics_precision)
+    sizes = [8 if d == torch.float64 else 4 for d in (backend.gradient_dtype(dtype), backend.input_factor_dtype(dtype))]
+    passes = plan_passes(targets, statistics_share(budget, targets), *sizes)
     if len(passes) > 1 and not is_reiterable(loader):
         raise ValueError(
             f"max_memory lets one pass hold the statistics of only part of the model ({len(passes)} passes "
@@ -178,6 +184,7 @@ def _run(model: nn.Module, loader: Any, config: LoraDAConfig, peaks: PhasePeaks)
     statistics_bytes = 0
     stats: Optional[KFACStatistics] = None
     context: Optional[SolveContext] = None
+    expert_fallbacks: List[str] = []
     for pass_index, pass_targets in enumerate(passes):
         stats = context = None  # the previous pass's sums are freed before this pass allocates its own
         if method.needs_data:
@@ -208,12 +215,19 @@ def _run(model: nn.Module, loader: Any, config: LoraDAConfig, peaks: PhasePeaks)
                 given=config.max_memory is not None,
             ),
         )
+        fallbacks = take_sparse_experts(context)  # experts with too few routed tokens: PEFT's default init
         pass_modules, backends["solve"] = solve_pass(method, context, model, config)
         modules.update(pass_modules)
+        modules.update(fallbacks)
+        expert_fallbacks.extend(fallbacks)
     if distributed.is_active():
         backends["distributed"] = f"torch.distributed ({dist.get_backend()}, {dist.get_world_size()} ranks)"
     # recorded after the gather, so that every rank's copy knows its layout (PEFT's fan_in_fan_out)
-    modules = {name: dataclasses.replace(m, transposed_weight=is_conv1d(targets[name])) for name, m in modules.items()}
+    modules = {
+        name: dataclasses.replace(modules[name], transposed_weight=is_conv1d(targets[name]))
+        for name in targets
+        if name in modules
+    }
     timings = dict(timings)
     timings["total"] = time.perf_counter() - start
     counts = _counts(stats)
@@ -226,6 +240,8 @@ def _run(model: nn.Module, loader: Any, config: LoraDAConfig, peaks: PhasePeaks)
         passes=len(passes),
         statistics_bytes=statistics_bytes,
         memory=peaks.result(),
+        experts=expert_layout(targets),
+        expert_fallbacks=[name for name in targets if name in set(expert_fallbacks)],
         **counts,
     )
 
