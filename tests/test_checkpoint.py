@@ -340,11 +340,11 @@ from lora_da import checkpoint
 from lora_da.memory_peaks import current_rss, peak_rss
 n, count = 2048, 4   # 16 MiB per tensor, 8 of them + y: 128 MiB of payload
 state = {
-    "groups": [((f"m{i}",), torch.rand(n, n)) for i in range(count)],
-    "modules": [(f"m{i}", i, torch.rand(n, n), torch.rand(n)) for i in range(count)],
+    "groups": [((f"m{i}",), torch.rand(n, n), 1) for i in range(count)],
+    "modules": [(f"m{i}", i, torch.rand(n, n), torch.rand(n), 1) for i in range(count)],
     "counts": (1, 1, 1, 0, 0), "forward_only": False,
 }
-small = {"groups": [(("m",), torch.rand(8, 8))], "modules": [("m", 0, torch.rand(8, 8), torch.rand(8))],
+small = {"groups": [(("m",), torch.rand(8, 8), 1)], "modules": [("m", 0, torch.rand(8, 8), torch.rand(8), 1)],
          "counts": (1, 1, 1, 0, 0), "forward_only": False}
 checkpoint.StatisticsCheckpoint(sys.argv[1] + ".small", 1, {}).save(small)  # imports, buffers
 start = max(current_rss(), peak_rss())
