@@ -296,3 +296,21 @@ def test_offloaded_experts_are_refused_by_name():
     experts.down_proj = nn.Parameter(torch.empty_like(experts.down_proj, device="meta"))
     with pytest.raises(ValueError, match=r"experts 'model\.layers\.1\.mlp\.experts\.down_proj' are on the meta device"):
         lora_da.initialize(model, data(), rank=2, target_modules=["experts"], progress=False)
+
+
+def test_experts_whose_mask_keeps_no_token_get_the_fallback_not_an_error():
+    """A per-module mask that keeps none of an experts module's tokens: its experts count 0
+    tokens (each its own count) and get PEFT's default init; the other targets are solved."""
+    model = tiny_moe("qwen3_moe")
+    layer0 = "model.layers.0.mlp.experts"
+
+    def token_mask(batch, name):
+        mask = batch["attention_mask"]
+        return torch.zeros_like(mask) if name.startswith(layer0 + ".") else mask
+
+    init = lora_da.initialize(model, data(), rank=2, target_modules=["experts", "q_proj"], token_mask=token_mask,
+                              progress=False)
+    zero = {n for n in init.experts if n.startswith(layer0 + ".")}
+    assert zero and zero <= set(init.expert_fallbacks)
+    assert any(n.startswith("model.layers.1.mlp.experts.") and n not in init.expert_fallbacks for n in init.experts)
+    assert all(float(init.modules[n].lora_B.abs().max()) == 0.0 for n in zero)

@@ -113,14 +113,16 @@ class KFACStatistics:
             )
         if self.num_samples == 0:
             raise ValueError("no sample carried any loss (all labels are -100?)")
+        # experts (``routed``) are exempt: one that kept fewer than rank tokens gets PEFT's
+        # default init (lora_da.expert_fallback)
         for group in self.groups:
-            if group.num_tokens == 0:
+            if group.num_tokens == 0 and not self.routed.issuperset(group.members):
                 raise ValueError(
                     f"the token mask of module '{group.members[0]}' (input shared by {list(group.members)}) "
                     "kept no row in any batch: Z and y have no tokens to average"
                 )
         for stats in self.modules.values():
-            if stats.num_tokens == 0 and stats.grad_sum is not None:
+            if stats.num_tokens == 0 and stats.grad_sum is not None and stats.name not in self.routed:
                 raise ValueError(f"the token mask of module '{stats.name}' kept no row in any batch")
         self.check_finite()
 
