@@ -147,7 +147,7 @@ def failing_loss(model, batch):
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(rank=17), ValueError, r"rank=17 exceeds min\(d_in, d_out\)=16 of module 'model.layers.0.self_attn.k_proj'"),
+        (dict(rank=17, target_modules=["k_proj"]), ValueError, r"rank=17 exceeds min\(d_in, d_out\)=16 of module 'model.layers.0.self_attn.k_proj'"),
         (dict(target_modules=["nonexistent"]), ValueError, "no module of LlamaForCausalLM matched"),
         (dict(target_modules=["model.norm"]), ValueError, "'model.norm' is a LlamaRMSNorm, not an nn.Linear"),
         (dict(loader="empty"), ValueError, "the loader yielded no batches"),

@@ -79,6 +79,7 @@ class Collector:
         device: Optional[torch.device] = None,
         masks: Optional[ModuleMasks] = None,
         checkpointed: FrozenSet[str] = frozenset(),
+        routed: FrozenSet[str] = frozenset(),
     ):
         self.modules = modules
         self.backend = backend
@@ -88,7 +89,10 @@ class Collector:
         # targets inside a checkpointed layer: their input is not kept by the first forward, the
         # backward's recomputation gives it again (see _on_recompute)
         self.checkpointed = frozenset(checkpointed)
-        self.stats = KFACStatistics(modules={}, groups=[], has_gradients=not forward_only)
+        # nn.Linear experts (lora_da.expert_collector.LinearExpertRouting): targets that may skip a
+        # batch (no token routed to them); their rows' mask is the routed part of their container's
+        self.routed = frozenset(routed)
+        self.stats = KFACStatistics(modules={}, groups=[], has_gradients=not forward_only, routed=set(self.routed))
         self.group_of: Dict[str, int] = {}
         # per batch, the targets in the order they ran and the sums of their outputs
         # (slot i: the i-th target run); kept after end_batch for check_batch_finite
@@ -247,6 +251,8 @@ class Collector:
         """Check the batch (every target ran once, got its gradient, kept its input
         sharing) and add its token counts to the groups and modules."""
         for name in self.modules:
+            if name in self.routed and name not in self.live_by_module:
+                continue  # an expert that got no token in this batch contributes nothing
             if name not in self.live_by_module:
                 raise RuntimeError(
                     f"target module '{name}' was not called in batch {batch_index}; "
@@ -308,7 +314,7 @@ class Collector:
         rows = inputs.numel() // d_in
         mask = self.masks.resolve(name, rows, inputs) if self.masks is not None else None
         count = rows if mask is None else mask.kept
-        if self.batch_rows is None:
+        if self.batch_rows is None and name not in self.routed:
             self.batch_rows, self.batch_tokens = rows, count
         self._record_output(name, output)
 

@@ -4,6 +4,8 @@ A *target* is a linear-like module: ``nn.Linear`` (and its subclasses, e.g.
 bitsandbytes' quantized linears, whose weight is not a float tensor) or
 transformers' GPT-2 ``Conv1D`` (``y = x @ W + b``, weight stored ``d_in x d_out``).
 Models already wrapped by PEFT are read through their LoRA layers' base layers.
+One expert of fused MoE experts is a target too (:class:`lora_da.experts.ExpertSlice`:
+``in_features``/``out_features`` and a ``weight`` slice, not a module).
 Everything else in the package asks this module for a layer's shape, its weight
 as ``d_out x d_in``, or its PEFT LoRA layers, instead of reading attributes.
 """
@@ -14,6 +16,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
+
+from .experts import ExpertSlice
 
 PEFT_PREFIX = "base_model.model."  # PEFT's prefix of the wrapped model's module names
 
@@ -35,9 +39,15 @@ def linear_dims(module: nn.Module) -> Tuple[int, int]:
     return int(module.in_features), int(module.out_features)
 
 
+def is_expert_slice(module: object) -> bool:
+    """One expert of a fused MoE experts parameter (:class:`lora_da.experts.ExpertSlice`)."""
+    return isinstance(module, ExpertSlice)
+
+
 def require_float_weight(name: str, module: nn.Module) -> torch.Tensor:
     """The module's weight tensor; ``TypeError`` naming the module when it is not floating point
-    (int8/4-bit quantized bases: methods that read ``W`` cannot serve them)."""
+    (int8/4-bit quantized bases: methods that read ``W`` cannot serve them) or when it holds no
+    values (on the ``meta`` device: a model dispatched with an offloading ``device_map``)."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         dtype = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -45,13 +55,20 @@ def require_float_weight(name: str, module: nn.Module) -> torch.Tensor:
             f"module '{name}' has a {dtype} weight: this method reads W and needs a floating-point weight "
             "(dequantize the base model, or use a method that reads no weight)"
         )
+    if weight.is_meta:
+        raise TypeError(
+            f"module '{name}' has its weight on the meta device (offloaded by a device_map?): this method reads W "
+            "and needs its values (load the model without offloading, or use a method that reads no weight)"
+        )
     return weight
 
 
 def weight_matrix(name: str, module: nn.Module) -> torch.Tensor:
-    """``W`` as ``d_out x d_in`` float64 (GPT-2 ``Conv1D`` stores ``Wᵀ``); refuses non-float weights by name."""
+    """``W`` as ``d_out x d_in`` float64 (GPT-2 ``Conv1D`` and transposed experts store ``Wᵀ``);
+    refuses non-float and meta weights by name."""
     w = require_float_weight(name, module).detach().to(torch.float64)
-    return w.T if is_conv1d(module) else w
+    transposed = is_conv1d(module) or (is_expert_slice(module) and module.transposed)
+    return w.T if transposed else w
 
 
 def output_head(model: nn.Module) -> Optional[nn.Module]:

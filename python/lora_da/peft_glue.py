@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 import torch
 from torch import nn
 
+from . import expert_peft
 from .atomic_files import write_atomically
 from .layers import is_conv1d, peft_lora_layers, stores_transposed_weight
 
@@ -32,6 +33,11 @@ def _find_layer(layers: Dict[str, nn.Module], name: str) -> nn.Module:
         what = "no" if not matches else f"{len(matches)} ({matches})"
         raise ValueError(f"module '{name}' of this LoraInit has {what} matching PEFT LoRA layers")
     return layers[matches[0]]
+
+
+def _experts_of(init: "LoraInit") -> set:
+    """The names of ``init``'s targets that are experts of fused parameters."""
+    return set(getattr(init, "experts", {}) or {})
 
 
 def factors_for_scaling(init: "LoraInit", name: str, scaling: float):
@@ -83,7 +89,13 @@ def apply_to_peft_model(init: "LoraInit", peft_model: nn.Module, adapter_name: s
     if not layers:
         raise ValueError(f"the model has no PEFT LoRA layer with adapter '{adapter_name}'")
     plan = []
+    experts = _experts_of(init)
+    expert_layers = expert_peft.apply_experts(
+        init, peft_model, adapter_name, lambda n, s: factors_for_scaling(init, n, s), init.modifies_base_weight
+    ) if experts else []
     for name, module_init in init.modules.items():
+        if name in experts:
+            continue
         layer = _find_layer(layers, name)
         a_param = layer.lora_A[adapter_name].weight
         b_param = layer.lora_B[adapter_name].weight
@@ -103,7 +115,7 @@ def apply_to_peft_model(init: "LoraInit", peft_model: nn.Module, adapter_name: s
                 "(W - s*B*A) and needs a floating-point base weight"
             )
         plan.append((name, layer, a_param, b_param, module_init))
-    covered = {id(layer) for _, layer, *_ in plan}
+    covered = {id(layer) for _, layer, *_ in plan} | {id(layer) for layer in expert_layers}
     uncovered = [full for full, layer in layers.items() if id(layer) not in covered]
     if uncovered:
         warnings.warn(
@@ -184,8 +196,14 @@ def save_adapter(
     base_model_name_or_path: Optional[str] = None,
     task_type: Optional[str] = None,
     fan_in_fan_out: Optional[bool] = None,
+    model: Optional[nn.Module] = None,
 ) -> None:
     """Write a PEFT adapter directory (see :meth:`LoraInit.save_pretrained`).
+
+    For the task types whose PEFT model trains the output head in full
+    (``SEQ_CLS``, ``TOKEN_CLS``: ``classifier``/``score``; ``QUESTION_ANS``: ``qa_outputs``)
+    the head's weights are saved too, read from ``model`` (required then), as PEFT's
+    ``modules_to_save`` are.
 
     ``task_type`` (e.g. ``"CAUSAL_LM"``) is recorded in ``adapter_config.json``, so that
     ``PeftModel.from_pretrained`` makes the task's PEFT model class. ``fan_in_fan_out``
@@ -194,10 +212,12 @@ def save_adapter(
     Files are written atomically with the umask's mode (see the module doc).
     """
     peft = _require_peft()
+    experts = _experts_of(init)
     config_kwargs = dict(
         r=init.max_rank,
         rank_pattern=rank_pattern(init),
-        target_modules=sorted(init.modules),
+        target_modules=sorted(n for n in init.modules if n not in experts),
+        **_expert_config(init),
         use_rslora=use_rslora,
         base_model_name_or_path=base_model_name_or_path,
         init_lora_weights=True,
@@ -207,16 +227,51 @@ def save_adapter(
     if lora_alpha is not None:
         config_kwargs["lora_alpha"] = lora_alpha
     config = peft.LoraConfig(**config_kwargs)  # PEFT's own checks (e.g. task_type) before anything is written
-    tensors = {}
+    tensors = expert_peft.adapter_tensors(
+        init, lambda rank: peft_scaling(config.lora_alpha, rank, use_rslora), lambda n, s: factors_for_scaling(init, n, s)
+    )
     for name, module_init in init.modules.items():
+        if name in experts:
+            continue
         scaling = peft_scaling(config.lora_alpha, module_init.rank, use_rslora)
         lora_A, lora_B = factors_for_scaling(init, name, scaling)
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.detach().to("cpu").contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.detach().to("cpu").contiguous()
+    tensors.update(_head_tensors(model, task_type))
     report = json.dumps(init.report(), indent=2)
     save_directory = _prepare_directory(save_directory)
     _write_adapter(save_directory, config, tensors)
     _write_text(os.path.join(save_directory, INIT_REPORT_NAME), report)
+
+
+#: The heads PEFT's model class of a task type wraps as ``modules_to_save`` (saved in full).
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _head_tensors(model: Optional[nn.Module], task_type: Optional[str]) -> Dict[str, torch.Tensor]:
+    """The weights of the task's heads in ``model``, keyed as PEFT saves ``modules_to_save``."""
+    heads = TASK_HEADS.get(str(task_type), ())
+    if not heads:
+        return {}
+    if model is None:
+        raise ValueError(
+            f"task_type={task_type!r}: PEFT trains the head ({'/'.join(heads)}) in full and loads it from the "
+            "adapter, so save_pretrained needs the base model: pass model="
+        )
+    tensors = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in heads:
+            for key, value in module.state_dict().items():
+                tensors[f"base_model.model.{name}.{key}"] = value.detach().to("cpu").contiguous()
+    if not tensors:
+        raise ValueError(f"task_type={task_type!r}: the model has no head named {' or '.join(heads)}")
+    return tensors
+
+
+def _expert_config(init: "LoraInit") -> Dict[str, Any]:
+    """``LoraConfig`` options for the experts: ``target_parameters`` (none: empty)."""
+    keys = expert_peft.parameter_keys(init) if _experts_of(init) else []
+    return {"target_parameters": keys} if keys else {}
 
 
 def _require_peft():
@@ -246,8 +301,11 @@ def load_init_adapter(base_model: nn.Module, save_directory: str, *, adapter_nam
         report = json.load(f)
     if str(report.get("base_weight", "unchanged")).startswith("offset"):
         layers = peft_lora_layers(peft_model, adapter_name)
+        experts = set(report.get("experts", {}))
         for name in report["modules"]:
-            _offset_base_weight(name, _find_layer(layers, name), adapter_name)
+            if name not in experts:
+                _offset_base_weight(name, _find_layer(layers, name), adapter_name)
+        expert_peft.offset_loaded_experts(peft_model, report, adapter_name)
     return peft_model
 
 
@@ -277,15 +335,20 @@ def get_peft_model_with_init(
     right on the modified base.)
     """
     peft = _require_peft()
-    for key in ("r", "target_modules", "rank_pattern"):
+    for key in ("r", "target_modules", "rank_pattern", "target_parameters"):
         if key in lora_config_kwargs:
             raise ValueError(f"'{key}' comes from the LoraInit; do not pass it")
     if lora_alpha is not None:
         lora_config_kwargs["lora_alpha"] = lora_alpha
     if "fan_in_fan_out" not in lora_config_kwargs:
         lora_config_kwargs["fan_in_fan_out"] = _targets_are_conv1d(model, init)
+    experts = _experts_of(init)
     config = peft.LoraConfig(
-        r=init.max_rank, rank_pattern=rank_pattern(init), target_modules=sorted(init.modules), **lora_config_kwargs
+        r=init.max_rank,
+        rank_pattern=rank_pattern(init),
+        target_modules=sorted(n for n in init.modules if n not in experts),
+        **_expert_config(init),
+        **lora_config_kwargs,
     )
     peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
     init.apply(peft_model, adapter_name=adapter_name)
@@ -312,6 +375,8 @@ def plain_lora_state(
     init's, cast to the adapter's dtype as :meth:`LoraInit.apply` did when it
     subtracted ``s·B₀A₀`` from the base. Keys as in a PEFT adapter file.
     """
+    if _experts_of(init):
+        raise ValueError("save_as_plain_lora does not support MoE expert targets (target_parameters) yet")
     layers = peft_lora_layers(peft_model, adapter_name)
     tensors = {}
     for name in init.modules:

@@ -21,6 +21,8 @@ from torch import nn
 
 from . import distributed, distributed_agreement
 from .config import LoraDAConfig
+from .expert_fallback import take_sparse_experts
+from .experts import expert_layout
 from .kernels.dispatch import select_backend
 from .layers import is_conv1d
 from .memory import (
@@ -192,6 +194,7 @@ def _run(model: nn.Module, loader: Any, config: LoraDAConfig, peaks: PhasePeaks)
     statistics_bytes = 0
     stats: Optional[KFACStatistics] = None
     context: Optional[SolveContext] = None
+    expert_fallbacks: List[str] = []
     for pass_index, pass_targets in enumerate(passes):
         stats = context = None  # the previous pass's sums are freed before this pass allocates its own
         if method.needs_data:
@@ -222,12 +225,19 @@ def _run(model: nn.Module, loader: Any, config: LoraDAConfig, peaks: PhasePeaks)
                 given=config.max_memory is not None,
             ),
         )
+        fallbacks = take_sparse_experts(context)  # experts with too few routed tokens: PEFT's default init
         pass_modules, backends["solve"] = solve_pass(method, context, model, config)
         modules.update(pass_modules)
+        modules.update(fallbacks)
+        expert_fallbacks.extend(fallbacks)
     if distributed.is_active():
         backends["distributed"] = f"torch.distributed ({dist.get_backend()}, {dist.get_world_size()} ranks)"
     # recorded after the gather, so that every rank's copy knows its layout (PEFT's fan_in_fan_out)
-    modules = {name: dataclasses.replace(m, transposed_weight=is_conv1d(targets[name])) for name, m in modules.items()}
+    modules = {
+        name: dataclasses.replace(modules[name], transposed_weight=is_conv1d(targets[name]))
+        for name in targets
+        if name in modules
+    }
     timings = dict(timings)
     timings["total"] = time.perf_counter() - start
     counts = _counts(stats)
@@ -240,6 +250,8 @@ def _run(model: nn.Module, loader: Any, config: LoraDAConfig, peaks: PhasePeaks)
         passes=len(passes),
         statistics_bytes=statistics_bytes,
         memory=peaks.result(),
+        experts=expert_layout(targets),
+        expert_fallbacks=[name for name in targets if name in set(expert_fallbacks)],
         **counts,
     )
 

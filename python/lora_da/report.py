@@ -61,6 +61,8 @@ def variance_to_bias(init: "LoraInit", name: str) -> float:
     cfg = init.config
     bias = -cfg.alpha * cfg.gamma * m.lora_B.double().pow(2).sum(dim=0)
     values = m.eigenvalues.double()[: bias.numel()]
+    if values.numel() != bias.numel():  # no eigenvalues (e.g. an expert given the lora fallback)
+        return float("nan")
     variance = values - bias
     total_bias = float(bias.abs().sum())
     return float(variance.sum()) / total_bias if total_bias > 0 else float("nan")

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Tuple
 from torch import nn
 
 from .config import LoraDAConfig
+from .experts import ExpertEntry
 from .memory_peaks import PhaseMemory
 from .methods import get_method
 from .module_init import ModuleInit
@@ -36,6 +37,10 @@ class LoraInit:
         statistics_bytes: peak bytes of the statistics held at once.
         memory: peak process memory per phase (:class:`lora_da.memory_peaks.PhaseMemory`:
             RSS on CPU, the CUDA allocator's bytes on CUDA); ``None`` when not measured.
+        experts: ``{target name: ExpertEntry}`` of the targets that are experts of fused
+            MoE parameters (module, parameter, expert index; :mod:`lora_da.experts`).
+        expert_fallbacks: the experts that got fewer than ``rank`` routed tokens and
+            PEFT's default init instead (:mod:`lora_da.expert_fallback`).
     """
 
     modules: Dict[str, ModuleInit]
@@ -51,6 +56,8 @@ class LoraInit:
     passes: int = 1
     statistics_bytes: int = 0
     memory: Optional[PhaseMemory] = None
+    experts: Dict[str, ExpertEntry] = field(default_factory=dict)
+    expert_fallbacks: List[str] = field(default_factory=list)
 
     @property
     def method(self) -> str:
@@ -139,6 +146,7 @@ class LoraInit:
         base_model_name_or_path: Optional[str] = None,
         task_type: Optional[str] = None,
         fan_in_fan_out: Optional[bool] = None,
+        model: Optional[nn.Module] = None,
     ) -> None:
         """Write a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
 
@@ -146,7 +154,10 @@ class LoraInit:
         adapter's scaling ``s``; use the values of your training config.
         ``task_type`` (e.g. ``"CAUSAL_LM"``) is recorded in ``adapter_config.json``;
         ``fan_in_fan_out`` (``None``: True when every target stores its weight
-        transposed, GPT-2's ``Conv1D``) is PEFT's flag of that name. Every file is
+        transposed, GPT-2's ``Conv1D``) is PEFT's flag of that name. With ``task_type``
+        ``"SEQ_CLS"``/``"TOKEN_CLS"``/``"QUESTION_ANS"`` PEFT trains the output head in
+        full and loads it from the adapter: pass the base ``model``, whose head weights
+        are saved with the factors. Every file is
         written atomically with the user's umask. Also
         writes ``lora_da_init.json`` with :meth:`report`. Per-module ranks are
         written as PEFT's ``rank_pattern``.
@@ -167,6 +178,7 @@ class LoraInit:
             base_model_name_or_path=base_model_name_or_path,
             task_type=task_type,
             fan_in_fan_out=fan_in_fan_out,
+            model=model,
         )
 
     def report(self) -> dict:
@@ -196,6 +208,8 @@ class LoraInit:
             "memory_bytes": self.memory.as_dict() if self.memory is not None else None,
             "backends": dict(self.backends),
             "input_groups": [list(g) for g in self.input_groups],
+            "experts": {name: dataclasses.asdict(entry) for name, entry in self.experts.items()},
+            "expert_fallbacks": list(self.expert_fallbacks),
             "modules": {
                 name: {
                     "rank": m.rank,
@@ -228,4 +242,9 @@ class LoraInit:
         ]
         if self.memory is not None:
             lines.append(self.memory.summary())
+        if self.experts or self.expert_fallbacks:
+            lines.append(
+                f"experts: {len(self.experts)} fused expert matrices, {len(self.expert_fallbacks)} experts with fewer than "
+                f"rank routed tokens (PEFT's default init)"
+            )
         return "\n".join(lines)

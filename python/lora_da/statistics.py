@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -71,12 +71,17 @@ class KFACStatistics:
         tensors += [t for m in self.modules.values() for t in (m.grad_sum, m.output_factor_diag_sum) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
     has_gradients: bool = True  # False after a forward-only pass (only Z)
+    routed: set = field(default_factory=set)  # nn.Linear experts: targets that may skip a batch (no token routed)
 
     def _require_gradients(self, name: str) -> None:
         if not self.has_gradients or self.modules[name].grad_sum is None:
             raise ValueError(
                 f"these statistics come from a forward-only pass: module '{name}' has no gradient G or output factor y"
             )
+
+    def tokens(self, name: str) -> int:
+        """``|T_module|`` of module ``name``: the kept rows it saw (an expert: the kept tokens routed to it)."""
+        return int(self.modules[name].num_tokens)
 
     def gradient(self, name: str) -> torch.Tensor:
         """``G = (1/n) Σ_samples ∇_W ℓ_sample`` (``d_out x d_in``)."""
@@ -91,8 +96,7 @@ class KFACStatistics:
     def output_factor_diag(self, name: str) -> torch.Tensor:
         """``y = (1/|T_module|) Σ_t m_t g_t ⊙ g_t``, *without* damping."""
         self._require_gradients(name)
-        stats = self.modules[name]
-        return stats.output_factor_diag_sum / stats.num_tokens
+        return self.modules[name].output_factor_diag_sum / self.tokens(name)
 
     def group_tokens(self) -> Dict[int, int]:
         """``{group index: |T_group|}``."""
@@ -109,14 +113,16 @@ class KFACStatistics:
             )
         if self.num_samples == 0:
             raise ValueError("no sample carried any loss (all labels are -100?)")
+        # experts (``routed``) are exempt: one that kept fewer than rank tokens gets PEFT's
+        # default init (lora_da.expert_fallback)
         for group in self.groups:
-            if group.num_tokens == 0:
+            if group.num_tokens == 0 and not self.routed.issuperset(group.members):
                 raise ValueError(
                     f"the token mask of module '{group.members[0]}' (input shared by {list(group.members)}) "
                     "kept no row in any batch: Z and y have no tokens to average"
                 )
         for stats in self.modules.values():
-            if stats.num_tokens == 0 and stats.grad_sum is not None:
+            if stats.num_tokens == 0 and stats.grad_sum is not None and stats.name not in self.routed:
                 raise ValueError(f"the token mask of module '{stats.name}' kept no row in any batch")
         self.check_finite()
 
@@ -172,9 +178,13 @@ class AccumulateClock:
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """Where the model computes: its first parameter's device, skipping ``meta`` ones (weights
+    offloaded by accelerate, loaded to the hook's ``execution_device`` for each forward)."""
     for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
+        if not parameter.is_meta:
+            return parameter.device
+    hook_device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    return torch.device(hook_device) if hook_device is not None else torch.device("cpu")
 
 
 def model_dtype(model: nn.Module) -> Optional[torch.dtype]:

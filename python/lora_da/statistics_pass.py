@@ -21,6 +21,13 @@ from .activation_checkpointing import (
 from .checkpoint import StatisticsCheckpoint
 from .fingerprint import statistics_fingerprint
 from .collector import Collector
+from .expert_collector import (
+    ExpertCapture,
+    LinearExpertRouting,
+    experts_modules,
+    routed_targets,
+    split_expert_targets,
+)
 from .kernels.dispatch import select_backend
 from .losses import (
     IGNORE_INDEX,
@@ -91,15 +98,19 @@ def collect_statistics(
     device = model_device(model)
     backend = select_backend(device, stats_backend, model_dtype(model), statistics_precision)
     layers = checkpointed_layers(model)
-    masks = ModuleMasks(token_mask, model, modules)
+    # fused experts: captured by their module's forward; nn.Linear experts: their rows from the routing
+    hooked, experts, containers = split_expert_targets(model, modules, stats_checkpoint, layers)
+    masks = ModuleMasks(token_mask, model, modules, experts_modules(experts, containers))
     collector = Collector(
-        modules,
+        hooked,
         backend,
         forward_only=forward_only,
         device=device,
         masks=masks,
-        checkpointed=checkpointed_targets(layers, modules),
+        checkpointed=checkpointed_targets(layers, hooked),
+        routed=routed_targets(containers),
     )
+    routing = LinearExpertRouting(collector, containers)
     stats = collector.stats
     stats.backend = backend.name
     try:
@@ -136,11 +147,14 @@ def collect_statistics(
         set_pass_modes(model, layers)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        for name, module in modules.items():
+        for name, module in hooked.items():
             handles.append(module.register_forward_hook(collector.forward_hook(name), with_kwargs=True))
         for module, hook in masks.hooks():
             handles.append(module.register_forward_hook(hook))
         handles.extend(anchor_layer_inputs(layers, lambda: collector.anchor))
+        if experts:
+            handles.append(ExpertCapture(collector, experts).install())
+        routing.install(handles)
 
         bar = tqdm(total=total, desc="lora-da statistics", unit="batch", disable=not progress, leave=False)
         try:

@@ -80,16 +80,27 @@ def _decoder_mask(batch: Any, mode: Any) -> Optional[torch.Tensor]:
 class ModuleMasks:
     """Per batch, the mask each target module's rows use (see the module doc)."""
 
-    def __init__(self, token_mask: Any, model: nn.Module, modules: Dict[str, nn.Module]):
+    def __init__(
+        self,
+        token_mask: Any,
+        model: nn.Module,
+        modules: Dict[str, nn.Module],
+        experts: Optional[Dict[str, Tuple[nn.Module, str]]] = None,
+    ):
+        """``experts``: ``{experts module name: (module, a target inside it)}`` of the MoE
+        experts modules (:func:`lora_da.expert_collector.experts_modules`), whose routed rows
+        take their part of the mask :meth:`experts_mask` gives their input."""
         self.mode = token_mask
         self.per_module = takes_module_name(token_mask)
         self.names = list(modules)
+        self.experts = dict(experts or {})
         self.encoder: Optional[nn.Module] = None
         self.in_encoder: set = set()
         if is_encoder_decoder(model) and not callable(token_mask):
             self.encoder = model.get_encoder()
             inside = {id(m) for m in self.encoder.modules()}
             self.in_encoder = {name for name, module in modules.items() if id(module) in inside}
+            self.in_encoder |= {name for name, (module, _) in self.experts.items() if id(module) in inside}
         self.encoder_output: Optional[weakref.ref] = None
         self.unmatched: Dict[str, Tuple[int, str]] = {}  # module -> (rows, the mask it did not match)
         self.warned = False
@@ -100,6 +111,7 @@ class ModuleMasks:
         self.decoder: Optional[RowMask] = None
         self.by_module: Dict[str, Optional[RowMask]] = {}
         self.samples: Optional[int] = None
+        self.routed: Dict[str, RowMask] = {}  # nn.Linear experts: the mask of the rows routed to them
 
     def hooks(self) -> List[Tuple[nn.Module, Any]]:
         """``(module, forward hook)`` pairs the pass registers: the encoder's output is
@@ -170,6 +182,8 @@ class ModuleMasks:
 
     def resolve(self, name: str, rows: int, inputs: torch.Tensor) -> Optional[RowMask]:
         """The mask of module ``name``'s ``rows`` (``None``: every row counts, weight 1)."""
+        if name in self.routed:
+            return self._checked(name, rows, inputs, self.routed[name])
         if self.per_module:
             return self._checked(name, rows, inputs, self.by_module.get(name))
         if self.encoder is not None:
@@ -193,6 +207,21 @@ class ModuleMasks:
         if candidate is not None and rows != self.samples:
             self.unmatched.setdefault(name, (rows, f"{candidate.source} has {candidate.entries} entries"))
         return None
+
+    def experts_mask(self, experts_name: str, rows: int, inputs: torch.Tensor) -> Optional[RowMask]:
+        """The mask of the ``rows`` an MoE experts module is called with (its tokens, before
+        routing): with a per-module callable, the one it gives for a target inside the
+        module; otherwise the mask a target module with that input would use."""
+        if self.per_module:
+            return self._checked(experts_name, rows, inputs, self.by_module.get(self.experts[experts_name][1]))
+        return self.resolve(experts_name, rows, inputs)
+
+    def route(self, name: str, mask: Optional[RowMask], token: torch.Tensor, kept: int) -> None:
+        """Give nn.Linear expert ``name`` the rows ``token`` of its experts module's ``mask``
+        (``kept``: their mask-weighted count, read by the caller)."""
+        weights = None if mask is None or mask.weights is None else mask.weights[token]
+        source = f"the {token.numel()} tokens routed to it"
+        self.routed[name] = RowMask(weights, int(token.numel()), kept, source, (int(token.numel()),))
 
     def _checked(self, name: str, rows: int, inputs: torch.Tensor, mask: Optional[RowMask]) -> Optional[RowMask]:
         if mask is not None and mask.entries != rows:

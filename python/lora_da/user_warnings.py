@@ -19,6 +19,11 @@ class DampingWarning(LoraDAWarning, RuntimeWarning):
     one summary per ``initialize`` call; the per-module values are in the report."""
 
 
+class TargetsWarning(LoraDAWarning, UserWarning):
+    """Default targeting left modules out (output heads, targets smaller than the rank, routers,
+    experts it cannot read): one warning per call, listing them."""
+
+
 def warn_user(message: str, category: Type[Warning] = UserWarning) -> None:
     """``warnings.warn`` with the stack level of the first frame outside this package."""
     level = 2  # stack level 2 is warn_user's caller

@@ -14,7 +14,7 @@ from typing import Tuple
 
 import torch
 
-from ..layers import weight_matrix
+from ..layers import is_expert_slice, weight_matrix
 from .base import FORWARD_STATISTICS, Method, Solution, SolveContext, register, solve_each
 from .linalg import signed_pairs, svd, symmetric_powers
 
@@ -118,6 +118,16 @@ def solve(context: SolveContext) -> Solution:
     return solve_each(context, "cntlora", factors)
 
 
+def check(targets, rank: int, options: CntLoraOptions) -> None:
+    """cntlora picks a rank per module; the experts of a fused parameter share one PEFT layer and one rank."""
+    experts = [name for name, target in targets.items() if is_expert_slice(target)]
+    if experts:
+        raise ValueError(
+            f"cntlora picks a rank per module, but the experts of a fused parameter (e.g. '{experts[0]}') share one "
+            "PEFT target_parameters layer and one rank: leave the experts out of target_modules for cntlora"
+        )
+
+
 METHOD = register(
     Method(
         name="cntlora",
@@ -126,5 +136,6 @@ METHOD = register(
         options=CntLoraOptions,
         reads_weight=True,
         unit_scaling=True,
+        check=check,
     )
 )

@@ -238,10 +238,10 @@ def _solve_unit(
         {group: stats.groups[group].input_factor_sum for group in first_member},
         first_member,
         settings.damping,
-        scale=1.0 / stats.num_tokens,
+        scale={group: 1.0 / tokens for group, tokens in stats.group_tokens().items() if group in first_member},
     )
     members = {group: stats.groups[group].members for group in by_group}
-    escalations.extend(damping_escalations(by_group, members, settings.damping, stats.num_tokens))
+    escalations.extend(damping_escalations(by_group, members, settings.damping, stats.group_tokens()))
     factors = {name: by_group[stats.modules[name].group_index] for name in names}
     batches = batched.solve_batches({name: tuple(stats.modules[name].grad_sum.shape) for name in names})
     start_blocks: Dict[str, torch.Tensor] = {}  # LOBPCG starts near Δ̂'s top left singular subspace

@@ -21,7 +21,7 @@ hundreds of small ones:
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -74,10 +74,14 @@ def stack_views(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def prepare_input_factors(
-    raw: Dict[int, torch.Tensor], names: Dict[int, str], damping: float, scale: float = 1.0
+    raw: Dict[int, torch.Tensor],
+    names: Dict[int, str],
+    damping: float,
+    scale: Union[float, Mapping[int, float]] = 1.0,
 ) -> Dict[int, InputFactor]:
     """``{group: InputFactor}`` from ``{group: Z_raw}``, where ``Z_raw = scale · raw[group]``
     (``raw`` may be the unnormalized sums: scaled in the float64 stack, no extra copy;
+    ``scale``: one for all or ``{group: scale}``, e.g. ``1/|T_group|``;
     ``names``: a member per group, for messages).
 
     Groups of equal ``d_in`` are damped and factored in one batched
@@ -93,8 +97,9 @@ def prepare_input_factors(
         # No symmetrization pass (two full temporaries): the statistics backends return Z
         # exactly symmetric (mirrored triangles), and the factorization reads one triangle.
         z = _stack_float64([raw[g] for g in groups])
-        if scale != 1.0:
-            z.mul_(scale)
+        scales = [float(scale[g]) if isinstance(scale, Mapping) else float(scale) for g in groups]
+        if any(s != 1.0 for s in scales):
+            z.mul_(torch.tensor(scales, dtype=z.dtype, device=z.device).view(-1, 1, 1))
         z.diagonal(dim1=-2, dim2=-1).add_(damping)
         # LAPACK's factors come out column-major: the upper factor U = Lᵀ in that layout is
         # L in row-major layout, so every L below is a contiguous view (what the solver reads)
@@ -107,7 +112,7 @@ def prepare_input_factors(
             if bool(good[index]):
                 factors[group] = InputFactor(matrix=z[index], cholesky=cholesky[index], damping=damping)
             else:
-                factors[group] = prepare_input_factor(raw[group].to(torch.float64) * scale, damping, names[group])
+                factors[group] = prepare_input_factor(raw[group].to(torch.float64) * scales[index], damping, names[group])
     return factors
 
 
