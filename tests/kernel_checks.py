@@ -137,7 +137,9 @@ def run_isolated(code: str, timeout: int = 300) -> str:
     address can crash the process, which then fails the calling test instead of the suite.
     Returns stdout; skips when the storage cannot be reserved (``MemoryError`` there)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    python_path = [os.path.join(os.path.dirname(here), "python"), here, os.environ.get("PYTHONPATH", "")]
+    # the child imports the lora_da this process would (installed, or a development tree)
+    package_root = os.path.dirname(os.path.dirname(importlib.util.find_spec("lora_da").origin))
+    python_path = [package_root, here, os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, python_path)))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode == 3:

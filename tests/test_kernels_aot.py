@@ -22,6 +22,7 @@ one job per kernel on sm_80, the split reduction and both Ω dtypes on both targ
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -244,8 +245,9 @@ def run_jobs(jobs, cache_dir) -> dict:
         return {}
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(cache_dir))
-    python_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [python_path, env.get("PYTHONPATH")]))
+    # the child imports the lora_da this process would (installed, or a development tree)
+    package_root = os.path.dirname(os.path.dirname(importlib.util.find_spec("lora_da").origin))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     done = subprocess.run(
         [sys.executable, os.path.abspath(__file__)], input=json.dumps(jobs), env=env,
         capture_output=True, text=True, timeout=1800,
