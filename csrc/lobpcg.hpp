@@ -133,6 +133,31 @@ class NormalStream {
   bool has_spare_ = false;
 };
 
+// The P direction's coefficients in Rayleigh-Ritz coordinates: Q = H (v x m, ld v)
+// with its first `zeroed_rows` rows (the old X's coordinates) set to 0, then made
+// orthogonal to H's columns by two rounds of Gram-Schmidt; also Q's Gram matrix
+// (m x m, ld m). Shared by both LOBPCG variants.
+inline void p_coefficients(int v, int m, const double* h, int zeroed_rows, std::vector<double>& q,
+                           std::vector<double>& q_gram) {
+  q.assign(std::size_t(v) * m, 0.0);
+  for (int j = 0; j < m; ++j)
+    for (int i = zeroed_rows; i < v; ++i) q[i + std::size_t(j) * v] = h[i + std::size_t(j) * v];
+  for (int round = 0; round < 2; ++round)
+    for (int j = 0; j < m; ++j)
+      for (int l = 0; l < m; ++l) {
+        double dot = 0;
+        for (int i = 0; i < v; ++i) dot += h[i + std::size_t(l) * v] * q[i + std::size_t(j) * v];
+        for (int i = 0; i < v; ++i) q[i + std::size_t(j) * v] -= dot * h[i + std::size_t(l) * v];
+      }
+  q_gram.assign(std::size_t(m) * m, 0.0);
+  for (int j = 0; j < m; ++j)
+    for (int l = 0; l < m; ++l) {
+      double dot = 0;
+      for (int i = 0; i < v; ++i) dot += q[i + std::size_t(l) * v] * q[i + std::size_t(j) * v];
+      q_gram[l + std::size_t(j) * m] = dot;
+    }
+}
+
 // SVQB (Stathopoulos & Wu): given the Gram matrix G (w x w, ld w) of a block V,
 // writes T (w x w, ld w) with V T orthonormal; the kept columns come first and
 // dropped ones are zero. A direction is dropped when its eigenvalue of the
@@ -358,25 +383,8 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
       for (int j = 0; j < m; ++j) theta[std::size_t(b) * m + j] = values[j];
       // Y = first m eigenvectors (v x m, compressed coordinates).
       // Q = Y with the X rows zeroed, orthogonalized against Y, orthonormalized.
-      std::vector<double> q(std::size_t(v) * m);
-      for (int j = 0; j < m; ++j)
-        for (int i = 0; i < v; ++i) q[i + std::size_t(j) * v] = (x_valid[b] && i < m) ? 0.0 : h[i + std::size_t(j) * v];
-      for (int round = 0; round < 2; ++round) {
-        for (int j = 0; j < m; ++j) {
-          for (int l = 0; l < m; ++l) {
-            double dot = 0;
-            for (int i = 0; i < v; ++i) dot += h[i + std::size_t(l) * v] * q[i + std::size_t(j) * v];
-            for (int i = 0; i < v; ++i) q[i + std::size_t(j) * v] -= dot * h[i + std::size_t(l) * v];
-          }
-        }
-      }
-      std::vector<double> gram(std::size_t(m) * m, 0.0), transform(std::size_t(m) * m);
-      for (int j = 0; j < m; ++j)
-        for (int l = 0; l < m; ++l) {
-          double dot = 0;
-          for (int i = 0; i < v; ++i) dot += q[i + std::size_t(l) * v] * q[i + std::size_t(j) * v];
-          gram[l + std::size_t(j) * m] = dot;
-        }
+      std::vector<double> q, gram, transform(std::size_t(m) * m);
+      detail::p_coefficients(v, m, h.data(), x_valid[b] ? m : 0, q, gram);
       // The coefficients are exact to double rounding: drop only directions
       // below 1e-24 in scaled Gram (i.e. relative size < 1e-12).
       int kept = (x_valid[b] ? detail::svqb_transform(m, gram.data(), 1e-24, transform.data()) : 0);

@@ -183,23 +183,8 @@ void lobpcg_one_exchange(Backend<T>& backend, Operator<T>& op, int batch_count, 
     for (int j = 0; j < v; ++j) report.norm_estimate[b] = std::max(report.norm_estimate[b], std::fabs(values[j]));
     for (int j = 0; j < m; ++j) theta[std::size_t(b) * m + j] = values[j];
     // Q = Y with the old-X coordinates zeroed, orthogonalized against Y (twice), orthonormalized.
-    std::vector<double> q(std::size_t(v) * m);
-    for (int j = 0; j < m; ++j)
-      for (int i = 0; i < v; ++i) q[i + std::size_t(j) * v] = i < x_kept ? 0.0 : h[i + std::size_t(j) * v];
-    for (int round = 0; round < 2; ++round)
-      for (int j = 0; j < m; ++j)
-        for (int l = 0; l < m; ++l) {
-          double dot = 0;
-          for (int i = 0; i < v; ++i) dot += h[i + std::size_t(l) * v] * q[i + std::size_t(j) * v];
-          for (int i = 0; i < v; ++i) q[i + std::size_t(j) * v] -= dot * h[i + std::size_t(l) * v];
-        }
-    std::vector<double> q_gram(std::size_t(m) * m, 0.0), transform(std::size_t(m) * m);
-    for (int j = 0; j < m; ++j)
-      for (int l = 0; l < m; ++l) {
-        double dot = 0;
-        for (int i = 0; i < v; ++i) dot += q[i + std::size_t(l) * v] * q[i + std::size_t(j) * v];
-        q_gram[l + std::size_t(j) * m] = dot;
-      }
+    std::vector<double> q, q_gram, transform(std::size_t(m) * m);
+    p_coefficients(v, m, h.data(), x_kept, q, q_gram);
     const int kept = x_valid[b] ? svqb_transform(m, q_gram.data(), 1e-24, transform.data()) : 0;
     // K = t [Y | Q T_q] in S coordinates
     for (int j = 0; j < m + kept; ++j) {
