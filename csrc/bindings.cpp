@@ -30,6 +30,7 @@
 namespace py = pybind11;
 
 void register_build_info(py::module_& m);  // csrc/build_info.cpp
+void register_gram(py::module_& m);        // csrc/gram_cpu.cpp
 
 namespace {
 
@@ -511,6 +512,7 @@ py::dict solve_guidance(GuidanceRequest r) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "lora-da compiled core";
   register_build_info(m);  // csrc/build_info.cpp
+  register_gram(m);        // csrc/gram_cpu.cpp
 
   bind_request(m, dense_fields(),
                "A batched LOBPCG solve on dense symmetric matrices, every field by name (keywords only). "
