@@ -1,6 +1,7 @@
 """SmolLM2-135M: ``initialize()`` against an independent float64 reference, and against the floor.
 
     python bench/accuracy_smollm2.py [--samples 32 --length 256] [--skip-floor] [--output FILE]
+                                     [--reference-cache FILE.safetensors]
 
 The job of issue 18: the first ``--samples`` GSM8K-style chats packed into
 windows of ``--length`` tokens (as ``bench/bench_init_overhead.py --case
@@ -13,7 +14,10 @@ modules), the published hyper-parameters (the defaults), ``train_size`` 7473
 * **ours**: ``lora_da.initialize`` with its defaults, per-phase times;
 * **reference** (``bench/float64_reference.py``, untimed): Z, y and G accumulated
   in float64 from the float32 model's activations by a separate hooked pass, and
-  a dense float64 ``eigh`` of Ω at the same λ.
+  a dense float64 ``eigh`` of Ω at the same λ. It takes ~8 minutes here; with
+  ``--reference-cache`` its answer is saved (safetensors, no pickle) and read back by
+  later runs whose inputs match: the token ids, a float64 checksum of every weight,
+  the hyper-parameters and the module names are stored beside it and compared.
 
 Prints the largest principal angle of ``lora_A``'s row space to the reference per
 module type, the worst module, the modules whose damping was escalated (and
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
+import json
 import os
 import platform
 import sys
@@ -36,11 +42,60 @@ from lora_da.cli.bench import plain_pass_seconds
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_init_overhead import smollm2_case  # noqa: E402
-from float64_reference import float64_statistics, largest_angle_degrees, reference_bases  # noqa: E402
+from float64_reference import ReferenceModule, float64_statistics, largest_angle_degrees, reference_bases  # noqa: E402
 from timing import Timer  # noqa: E402
 
 RANK = 8
 TRAIN_SIZE = 7473  # GSM8K's training set
+
+
+def reference_key(model, loader, names, config) -> str:
+    """What the reference depends on, as a digest: token ids, weights, hyper-parameters, modules."""
+    digest = hashlib.sha256()
+    for batch in loader:
+        digest.update(batch["input_ids"].to(torch.int64).numpy().tobytes())
+    with torch.no_grad():
+        sums = [float(p.to(torch.float64).sum()) for p in model.parameters()]
+    facts = {"weights": sums, "names": list(names), "rank": RANK, "train_size": TRAIN_SIZE, "alpha": config.alpha,
+             "beta": config.beta, "damping": config.damping}
+    digest.update(json.dumps(facts, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def load_reference(path: str, key: str):
+    """The cached reference at ``path`` when its key matches, else None."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        return None
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("key") != key:
+            print(f"reference cache {path}: made for other inputs, recomputing", flush=True)
+            return None
+        facts = json.loads(meta["modules"])
+        return {
+            name: ReferenceModule(
+                input_basis=f.get_tensor(name) if fact["has_basis"] else None,
+                positive_definite=fact["positive_definite"],
+                input_factor_min=fact["input_factor_min"],
+                input_factor_max=fact["input_factor_max"],
+            )
+            for name, fact in facts.items()
+        }
+
+
+def save_reference(path: str, key: str, bases) -> None:
+    """Write the reference atomically (a temporary file renamed over ``path``)."""
+    from safetensors.torch import save_file
+
+    tensors = {name: b.input_basis.contiguous() for name, b in bases.items() if b.input_basis is not None}
+    facts = {name: {"has_basis": b.input_basis is not None, "positive_definite": b.positive_definite,
+                    "input_factor_min": b.input_factor_min, "input_factor_max": b.input_factor_max}
+             for name, b in bases.items()}
+    temporary = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, temporary, metadata={"key": key, "modules": json.dumps(facts)})
+    os.replace(temporary, path)
 
 
 def main() -> None:
@@ -52,6 +107,7 @@ def main() -> None:
     parser.add_argument("--also", nargs="*", default=[], metavar="PRECISION",
                         help="more statistics_precision values to time and compare, e.g. float32")
     parser.add_argument("--output")
+    parser.add_argument("--reference-cache", metavar="FILE", help="save the float64 reference here, or read it back")
     args = parser.parse_args()
 
     model, loader, what = smollm2_case(args.samples, args.length)
@@ -81,12 +137,20 @@ def main() -> None:
         del init
     ours, timings, backends, statistics_mib, messages = runs[args.precision]
 
-    with Timer() as reference_time:
-        stats = float64_statistics(model, loader, list(ours))
-        bases = reference_bases(
-            stats, rank=RANK, alpha=config.alpha, beta=config.beta, damping=config.damping, train_size=TRAIN_SIZE
-        )
-    print(f"reference: {reference_time.seconds:.1f} s", flush=True)
+    key = reference_key(model, loader, list(ours), config)
+    bases = load_reference(args.reference_cache, key) if args.reference_cache else None
+    reference_origin = f"read from {os.path.basename(args.reference_cache)}" if bases is not None else ""
+    if bases is None:
+        with Timer() as reference_time:
+            stats = float64_statistics(model, loader, list(ours))
+            bases = reference_bases(
+                stats, rank=RANK, alpha=config.alpha, beta=config.beta, damping=config.damping, train_size=TRAIN_SIZE
+            )
+            del stats
+        reference_origin = f"{reference_time.seconds:.0f} s, untimed"
+        if args.reference_cache:
+            save_reference(args.reference_cache, key, bases)
+    print(f"reference: {reference_origin}", flush=True)
 
     def angles_of(answers):
         return {name: largest_angle_degrees(bases[name].input_basis, answers[name][0])
@@ -115,7 +179,7 @@ def main() -> None:
         f"(α {config.alpha:g}, β {config.beta:g}, γ {config.gamma:g}, λ {config.damping:g}); "
         f"statistics_precision `{args.precision}`, statistics `{backends.get('statistics')}`, "
         f"solve `{backends.get('solve')}`, statistics {statistics_mib:.0f} MiB. Reference: Z, y, G in float64 from the "
-        f"float32 model's activations, dense float64 eigh of Ω ({reference_time.seconds:.0f} s, untimed).",
+        f"float32 model's activations, dense float64 eigh of Ω ({reference_origin}).",
         "",
         "| module type | largest angle to the float64 reference (°) | its module |",
         "|---|---|---|",

@@ -213,11 +213,13 @@ def prepare_modules(
     LoRA-DA's eigenvectors lie when the bias term dominates: a start for the solver."""
     prepared: Dict[str, PreparedModule] = {}
     for same_shape in batches:
-        g_t = _stack_float64([gradients[name].T for name in same_shape])  # (B, d_in, d_out)
+        # G stacked as it is stored (B, d_out, d_in): its transpose Gᵀ is then a column-major view,
+        # which is the layout LAPACK solves in, so neither this copy nor the solver's own one transposes
+        gradient = _stack_float64([gradients[name] for name in same_shape])
         cholesky = stack_views([input_factors[name].cholesky for name in same_shape])
         inverse_output = 1.0 / (_stack_float64([output_factor_diags[name] for name in same_shape]) + damping)
-        delta = torch.cholesky_solve(g_t, cholesky.mT, upper=True)  # Lᵀ is column-major: no transposing copy
-        del g_t, cholesky
+        delta = torch.cholesky_solve(gradient.mT, cholesky.mT, upper=True)  # Lᵀ is column-major: no transposing copy
+        del gradient, cholesky
         delta.mul_(inverse_output.unsqueeze(-2)).mul_(-gradient_scale)
         sigma_values, directions = spectral_norms_and_directions(delta, seed=seed)
         sigmas = sigma_values.tolist()
