@@ -3,6 +3,7 @@ statistics against a float64 recomputation written here, per-expert token counts
 targeting, the model left as found."""
 
 import copy
+import warnings
 import json
 from collections import defaultdict
 
@@ -314,3 +315,24 @@ def test_experts_whose_mask_keeps_no_token_get_the_fallback_not_an_error():
     assert zero and zero <= set(init.expert_fallbacks)
     assert any(n.startswith("model.layers.1.mlp.experts.") and n not in init.expert_fallbacks for n in init.experts)
     assert all(float(init.modules[n].lora_B.abs().max()) == 0.0 for n in zero)
+
+
+def test_cli_compute_init_warns_about_left_out_targets_once():
+    """``lora-da init`` looks at the targets before ``initialize`` does (for the report's extra
+    eigenvalues): the warning about the routers left out comes once, from ``initialize``."""
+    import argparse
+
+    from lora_da.cli.init import compute_init
+
+    model = tiny_moe("qwen3_moe")
+    args = argparse.Namespace(
+        method="lora-da", rank=2, report_eigenvalues=2, target_modules=None, alpha=1.0, beta=0.03, gamma=1024.0,
+        damping=1e-6, token_mask="attention", seed=0,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        init = compute_init(model, data(), args, train_size=8, progress=False)
+    targets_warnings = [w for w in caught if issubclass(w.category, lora_da.user_warnings.TargetsWarning)]
+    assert len(targets_warnings) == 1, [str(w.message) for w in targets_warnings]
+    assert "routers" in str(targets_warnings[0].message)
+    assert next(iter(init.modules.values())).lora_A.shape[0] == 2

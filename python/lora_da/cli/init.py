@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
@@ -17,6 +18,7 @@ from ..layers import linear_dims
 from ..report import write_report
 from ..result import LoraInit
 from ..targets import find_target_modules
+from ..user_warnings import TargetsWarning
 from .errors import UsageError
 from .hf_model import check_model_dir, load_model_and_tokenizer, resolve_max_length
 from .inputs import count_rows, encode_data, make_loader
@@ -40,7 +42,9 @@ def target_modules_arg(values: Optional[List[str]]) -> Union[None, str, List[str
 
 def _extra_eigenvalues(model: nn.Module, args: argparse.Namespace) -> int:
     """How many eigenvalues past r to compute for the report (clamped to the modules' sizes)."""
-    modules = find_target_modules(model, target_modules_arg(args.target_modules), args.rank)
+    with warnings.catch_warnings():  # initialize() warns about what the targets leave out, once
+        warnings.simplefilter("ignore", TargetsWarning)
+        modules = find_target_modules(model, target_modules_arg(args.target_modules), args.rank)
     room = min(min(linear_dims(m)) for m in modules.values()) - args.rank
     return max(0, min(args.report_eigenvalues, room))
 
