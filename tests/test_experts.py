@@ -336,3 +336,17 @@ def test_cli_compute_init_warns_about_left_out_targets_once():
     assert len(targets_warnings) == 1, [str(w.message) for w in targets_warnings]
     assert "routers" in str(targets_warnings[0].message)
     assert next(iter(init.modules.values())).lora_A.shape[0] == 2
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+def test_experts_inside_checkpointed_layers_are_refused_by_name():
+    """Activation checkpointing recomputes the routing in the backward, which the pass does not
+    follow for experts: refused before any work, naming an expert, the model left as found."""
+    model = tiny_moe("qwen3_moe")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    before = model_fingerprint(model)
+    with pytest.raises(ValueError, match=r"MoE experts 'model\.layers\.0\.mlp\.experts' run inside an activation-checkpointed layer"):
+        lora_da.initialize(model, data(), rank=2, train_size=8, progress=False)
+    assert_same_fingerprint(before, model_fingerprint(model))
+    assert model.training and model.is_gradient_checkpointing
