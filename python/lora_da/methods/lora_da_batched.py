@@ -25,6 +25,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .. import host_linalg
 from ..naming import module_kind
 from .lora_da_reference import InputFactor, PreparedModule, prepare_input_factor
 
@@ -101,10 +102,7 @@ def prepare_input_factors(
         if any(s != 1.0 for s in scales):
             z.mul_(torch.tensor(scales, dtype=z.dtype, device=z.device).view(-1, 1, 1))
         z.diagonal(dim1=-2, dim2=-1).add_(damping)
-        # LAPACK's factors come out column-major: the upper factor U = Lᵀ in that layout is
-        # L in row-major layout, so every L below is a contiguous view (what the solver reads)
-        upper, info = torch.linalg.cholesky_ex(z, upper=True)
-        cholesky = upper.mT
+        cholesky, info = host_linalg.cholesky_lower(z)  # row-major L (what the solver reads); z is kept
         # a NaN/Inf anywhere in row i of the triangle read reaches L[i, i] = √(z_ii − Σ_k L[i, k]²):
         # checking L's diagonal suffices
         good = (info == 0) & torch.isfinite(torch.diagonal(cholesky, dim1=-2, dim2=-1)).all(dim=-1)
@@ -218,7 +216,8 @@ def prepare_modules(
         gradient = _stack_float64([gradients[name] for name in same_shape])
         cholesky = stack_views([input_factors[name].cholesky for name in same_shape])
         inverse_output = 1.0 / (_stack_float64([output_factor_diags[name] for name in same_shape]) + damping)
-        delta = torch.cholesky_solve(gradient.mT, cholesky.mT, upper=True)  # Lᵀ is column-major: no transposing copy
+        host_linalg.cholesky_solve_(gradient, cholesky)  # in place: gradient.mT becomes Z⁻¹Gᵀ
+        delta = gradient.mT  # (B, d_in, d_out), column-major
         del gradient, cholesky
         delta.mul_(inverse_output.unsqueeze(-2)).mul_(-gradient_scale)
         sigma_values, directions = spectral_norms_and_directions(delta, seed=seed)
@@ -268,7 +267,16 @@ def guidance_preconditioners(
         shifted.mul_(alpha)
         scale = torch.tensor([variance_scales[g] for g in groups], dtype=torch.float64, device=shifted.device)
         shifted.diagonal(dim1=-2, dim2=-1).add_(scale.view(-1, 1))
-        factor = torch.linalg.cholesky(shifted, upper=True).mT  # row-major L (see prepare_input_factors)
+        if overwrite_matrices:  # M's storage is Z's, which is not needed again: factored in place
+            factor, info = shifted, host_linalg.cholesky_lower_(shifted)
+        else:
+            factor, info = host_linalg.cholesky_lower(shifted)
+        failed = (info != 0).nonzero().flatten().tolist()
+        if failed:  # βcI + αZ is positive definite whenever Z is: only numerical trouble gets here
+            raise FloatingPointError(
+                f"the preconditioner matrix βcI + αZ of input group {groups[failed[0]]} is not positive definite "
+                f"(LAPACK info {int(info[failed[0]])})"
+            )
         for index, group in enumerate(groups):
             result[group] = factor[index]
             if overwrite_matrices:
