@@ -8,8 +8,6 @@ Modules:
 
 * ``kfac_stats`` / ``kfac_stats_triton``: accumulation of the K-FAC statistics
   (input factor Z on upper-triangle tiles, output-factor diagonal y, gradient G).
-* ``kfac_stats_blas``: Z on its lower triangle on the CPU through the compiled
-  core's BLAS (``lora_da._core.accumulate_gram_lower``).
 * ``omega`` / ``omega_triton``: batched Initialization Guidance Matrices Ω.
 * ``triton_launch``: launch policy of the Triton kernels (interpreter switch,
   autotune configurations, block sizes, ``tl.dot`` precision).

@@ -17,10 +17,8 @@ MPS devices (no float64) sum in float32 and refuse ``"float64"``.
 The backends:
 
 * ``"torch"``: plain PyTorch (``kfac_stats``), any device and dtype: Z on its
-  lower triangle (mirrored at the end of the pass) — on the CPU by the compiled
-  core's BLAS (``kfac_stats_blas``: ``?syrk``/``?gemmt``, the triangle exactly),
-  elsewhere by panel ``addmm``s —, G and y as in the reference; the products in
-  the accumulators' dtype.
+  lower triangle (panel ``addmm``s, mirrored at the end of the pass), G and y
+  as in the reference; the products in the accumulators' dtype.
 * ``"triton"``: the Triton kernels (``kfac_stats_triton``), float32
   accumulators only; CUDA tensors with
   bf16/fp16/fp32 activations, or CPU tensors under ``TRITON_INTERPRET=1``
@@ -44,7 +42,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import kfac_stats, kfac_stats_blas
+from . import kfac_stats
 
 STATS_BACKENDS = ("auto", "torch", "triton")
 
@@ -77,7 +75,7 @@ class StatisticsBackend:
 
 TORCH_BACKEND = StatisticsBackend(
     name="torch",
-    accumulate_input_factor=kfac_stats_blas.accumulate_input_factor,
+    accumulate_input_factor=kfac_stats.accumulate_input_factor_lower,
     accumulate_output_statistics=kfac_stats.accumulate_output_statistics,
     finalize_input_factor=kfac_stats.mirror_lower_triangle,
     input_factor_float64=True,
