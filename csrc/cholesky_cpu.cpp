@@ -79,27 +79,39 @@ void trsm_upper(char trans, int n, int nrhs, const T* u, T* b) {
 // In place, per matrix: the lower Cholesky factor L in the lower triangle (row-major), zeros
 // above it. Returns LAPACK's info per matrix (0: done; i > 0: the leading minor of order i is
 // not positive definite, the matrix is left partly factored).
+// OpenBLAS runs single-threaded inside each call and the problems are spread over `workers`
+// threads of our own: OpenBLAS's own pool would keep spinning after each call, on the cores
+// that torch's OpenMP threads need for the work that follows (docs/math.md §5.5). One problem
+// alone gets OpenBLAS's threads instead.
+
+// In place, per matrix: the lower Cholesky factor L in the lower triangle (row-major), zeros
+// above it. Returns LAPACK's info per matrix (0: done; i > 0: the leading minor of order i is
+// not positive definite, the matrix is left partly factored).
 template <typename T>
-std::vector<int> factor_batch(T* matrices, std::int64_t batch, int n, std::int64_t stride) {
+std::vector<int> factor_batch(T* matrices, std::int64_t batch, int n, std::int64_t stride, int threads) {
   std::vector<int> info(static_cast<std::size_t>(batch), 0);
-  for (std::int64_t b = 0; b < batch; ++b) {
-    T* a = matrices + b * stride;
+  const int workers = batch > 1 ? threads : 1;
+  lora_da::OpenblasThreadsGuard guard(batch > 1 ? 1 : threads);
+  lora_da::run_on_workers(static_cast<int>(batch), workers, [&](int b) {
+    T* a = matrices + std::int64_t(b) * stride;
     info[static_cast<std::size_t>(b)] = potrf_upper(n, a);
     for (int i = 0; i < n; ++i)  // row-major strictly upper = column-major strictly lower: not read by potrf('U')
       for (int j = i + 1; j < n; ++j) a[std::int64_t(i) * n + j] = T(0);
-  }
+  });
   return info;
 }
 
 template <typename T>
 void solve_batch(const T* factors, std::int64_t factor_stride, T* rhs, std::int64_t rhs_stride, std::int64_t batch, int n,
-                 int nrhs) {
-  for (std::int64_t b = 0; b < batch; ++b) {
-    const T* u = factors + b * factor_stride;
-    T* x = rhs + b * rhs_stride;
+                 int nrhs, int threads) {
+  const int workers = batch > 1 ? threads : 1;
+  lora_da::OpenblasThreadsGuard guard(batch > 1 ? 1 : threads);
+  lora_da::run_on_workers(static_cast<int>(batch), workers, [&](int b) {
+    const T* u = factors + std::int64_t(b) * factor_stride;
+    T* x = rhs + std::int64_t(b) * rhs_stride;
     trsm_upper('T', n, nrhs, u, x);  // U⁻ᵀ B (= L⁻¹ B)
     trsm_upper('N', n, nrhs, u, x);  // U⁻¹ (…)
-  }
+  });
 }
 
 std::vector<int> cholesky_lower(std::uintptr_t matrices, std::int64_t batch, std::int64_t n, std::int64_t stride,
@@ -112,11 +124,11 @@ std::vector<int> cholesky_lower(std::uintptr_t matrices, std::int64_t batch, std
     throw py::value_error("cholesky_lower: in place, the matrices must not overlap (stride " + std::to_string(stride) +
                           " < n*n = " + std::to_string(n * n) + ")");
   }
+  if (batch > kMaxInt) throw py::value_error("cholesky_lower: batch must be < 2^31, got " + std::to_string(batch));
   py::gil_scoped_release release;
-  lora_da::OpenblasThreadsGuard guard(threads);
   const int size = static_cast<int>(n);
-  return wide ? factor_batch(reinterpret_cast<double*>(matrices), batch, size, stride)
-              : factor_batch(reinterpret_cast<float*>(matrices), batch, size, stride);
+  return wide ? factor_batch(reinterpret_cast<double*>(matrices), batch, size, stride, threads)
+              : factor_batch(reinterpret_cast<float*>(matrices), batch, size, stride, threads);
 }
 
 void cholesky_solve(std::uintptr_t factors, std::int64_t factor_stride, std::uintptr_t rhs, std::int64_t rhs_stride,
@@ -131,15 +143,15 @@ void cholesky_solve(std::uintptr_t factors, std::int64_t factor_stride, std::uin
     throw py::value_error("cholesky_solve: in place, the right-hand sides must not overlap (stride " +
                           std::to_string(rhs_stride) + " < n*nrhs = " + std::to_string(n * nrhs) + ")");
   }
+  if (batch > kMaxInt) throw py::value_error("cholesky_solve: batch must be < 2^31, got " + std::to_string(batch));
   py::gil_scoped_release release;
-  lora_da::OpenblasThreadsGuard guard(threads);
   const int size = static_cast<int>(n), cols = static_cast<int>(nrhs);
   if (wide) {
     solve_batch(reinterpret_cast<const double*>(factors), factor_stride, reinterpret_cast<double*>(rhs), rhs_stride,
-                batch, size, cols);
+                batch, size, cols, threads);
   } else {
     solve_batch(reinterpret_cast<const float*>(factors), factor_stride, reinterpret_cast<float*>(rhs), rhs_stride, batch,
-                size, cols);
+                size, cols, threads);
   }
 }
 

@@ -36,29 +36,7 @@ void CpuBackend<T>::for_each_problem(const Batch& batch, Body&& body) {
   std::vector<int> problems;
   for (int p = 0; p < batch.count; ++p)
     if (batch.is_active(p)) problems.push_back(p);
-  const int threads = std::min<int>(workers_, int(problems.size()));
-  if (threads <= 1) {
-    for (int p : problems) body(p);
-    return;
-  }
-  std::atomic<int> next{0};
-  std::exception_ptr failure;
-  std::mutex failure_mutex;
-  auto work = [&]() {
-    for (int i = next++; i < int(problems.size()); i = next++) {
-      try {
-        body(problems[i]);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(failure_mutex);
-        if (!failure) failure = std::current_exception();
-      }
-    }
-  };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
-  work();
-  for (auto& thread : pool) thread.join();
-  if (failure) std::rethrow_exception(failure);
+  run_on_workers(int(problems.size()), workers_, [&](int i) { body(problems[i]); });
 }
 
 namespace {

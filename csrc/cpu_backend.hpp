@@ -1,9 +1,45 @@
 // CPU backend of the LOBPCG solver (host memory, scipy-openblas32 BLAS/LAPACK).
 #pragma once
 
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
 #include "backend.hpp"
 
 namespace lora_da {
+
+// Runs body(i) for every i in [0, count) on up to `workers` threads (the calling one
+// included), each taking the next index; the first exception is rethrown once all are done.
+template <typename Body>
+void run_on_workers(int count, int workers, Body&& body) {
+  const int threads = std::min(workers, count);
+  if (threads <= 1) {
+    for (int i = 0; i < count; ++i) body(i);
+    return;
+  }
+  std::atomic<int> next{0};
+  std::exception_ptr failure;
+  std::mutex failure_mutex;
+  auto work = [&]() {
+    for (int i = next++; i < count; i = next++) {
+      try {
+        body(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(failure_mutex);
+        if (!failure) failure = std::current_exception();
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& thread : pool) thread.join();
+  if (failure) std::rethrow_exception(failure);
+}
 
 // Problems of a batch run concurrently on `workers` threads, each calling
 // single-threaded BLAS (OpenBLAS's own threading is inefficient for the tall,
