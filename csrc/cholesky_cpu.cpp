@@ -21,17 +21,8 @@
 #include <vector>
 
 #include "cpu_backend.hpp"
+#include "host_lapack.hpp"  // the scipy_-prefixed OpenBLAS symbols
 
-extern "C" {
-void scipy_dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info, std::size_t);
-void scipy_spotrf_(const char* uplo, const int* n, float* a, const int* lda, int* info, std::size_t);
-void scipy_dtrsm_(const char* side, const char* uplo, const char* transa, const char* diag, const int* m,
-                  const int* n, const double* alpha, const double* a, const int* lda, double* b, const int* ldb,
-                  std::size_t, std::size_t, std::size_t, std::size_t);
-void scipy_strsm_(const char* side, const char* uplo, const char* transa, const char* diag, const int* m,
-                  const int* n, const float* alpha, const float* a, const int* lda, float* b, const int* ldb,
-                  std::size_t, std::size_t, std::size_t, std::size_t);
-}
 
 namespace py = pybind11;
 
