@@ -155,6 +155,21 @@ def test_lora_da_operator_shared_cholesky_and_float32():
     check_against_eigh(op.dense(), result32, 4, tol=result32.tol)
 
 
+def test_lora_da_operator_apply_matches_the_formula_for_every_factor_layout():
+    """``LoraDAOperator.apply`` (the independent check's Ω V) against ``−αΔ̂Δ̂ᵀV + c Z⁻¹V`` with
+    ``Z⁻¹`` from ``torch.linalg.inv(L Lᵀ)``: a row-major factor batch (two triangular solves), LAPACK's column-major one,
+    every other factor of a larger stack (strided: ``cholesky_solve``) and one shared factor."""
+    delta, chol = lora_da_problem(6, 40, 25, seed=21)
+    v = torch.randn(6, 40, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
+    scales = [0.03, 0.01, 0.05, 0.02, 0.04, 0.06]
+    for factors in (chol.contiguous(), chol, torch.cat([chol, chol])[::2], chol[0]):
+        z_inverse = torch.linalg.inv(factors @ factors.mT)
+        c = torch.tensor(scales, dtype=torch.float64).view(-1, 1, 1)
+        expected = -(delta @ (delta.mT @ v)) + c * (z_inverse @ v)
+        got = LoraDAOperator(delta, factors, alpha=1.0, variance_scale=scales).apply(v)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+
+
 def test_errors():
     with pytest.raises(ValueError):
         lobpcg(torch.zeros(3, 4, dtype=torch.float64), 1)

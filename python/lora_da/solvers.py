@@ -145,7 +145,10 @@ class LoraDAOperator:
         scale = scale.reshape(*scale.shape, 1, 1) if scale.dim() else scale
         bias = d @ (d.transpose(-1, -2) @ v)
         factor = self.cholesky.to(torch.float64).expand(*d.shape[:-2], -1, -1)
-        variance = torch.cholesky_solve(v, factor.mT, upper=True)  # row-major L = column-major Lᵀ: no transposing copy
+        if factor.is_contiguous():  # two triangular solves read the batch where it lies
+            variance = torch.linalg.solve_triangular(factor.mT, torch.linalg.solve_triangular(factor, v, upper=False), upper=True)
+        else:  # a strided batch (shared or spaced factors): cholesky_solve's copy is then the cheaper one
+            variance = torch.cholesky_solve(v, factor.mT, upper=True)
         return -self.alpha * bias + scale * variance
 
 
