@@ -18,13 +18,16 @@ interrupted run is simply run again). Order = priority:
    "not yet known".
 
 Each run: ``study_run.py`` with ``OMP_NUM_THREADS=1`` (the driver's niceness is
-inherited), its output appended to ``OUT/logs/<run>.log``. Options after ``--`` go to
+inherited), its output appended to ``OUT/logs/<run>.log``; it imports this checkout's
+``python/lora_da`` when that has a built ``_core`` (else the installed one; the JSON
+records which, with its source hash and git commit). Options after ``--`` go to
 every run unchanged (e.g. smoke-test sizes).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -34,6 +37,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from common import run_name  # noqa: E402
 
@@ -158,6 +162,12 @@ def main() -> int:
     os.makedirs(logs, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    checkout = os.path.join(REPO, "python")
+    if glob.glob(os.path.join(checkout, "lora_da", "_core*.so")):  # a built development tree: study this checkout
+        env["PYTHONPATH"] = os.pathsep.join([checkout] + [x for x in [os.environ.get("PYTHONPATH")] if x])
+        log(f"runs import lora_da from {checkout}")
+    else:
+        log("runs import the installed lora_da (this checkout's python/lora_da has no built _core)")
     failures: List[Run] = []
     done_here = 0
     start = time.time()

@@ -59,13 +59,17 @@ def lora_da_fingerprint() -> dict:
                 path = os.path.join(root, name)
                 with open(path, "rb") as handle:
                     digest.update(os.path.relpath(path, folder).encode() + handle.read())
+    commit, dirty = "", False  # only for a lora_da inside a lora-da checkout (python/lora_da), not site-packages
     try:
-        commit = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", folder, "status", "--porcelain", "--", "."], capture_output=True,
-                                    text=True, timeout=10).stdout.strip())
+        top = subprocess.run(["git", "-C", folder, "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if top and os.path.realpath(os.path.join(top, "python", "lora_da")) == os.path.realpath(folder):
+            commit = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
+            dirty = bool(subprocess.run(["git", "-C", folder, "status", "--porcelain", "--", "."],
+                                        capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
-        commit, dirty = "", False
+        pass
     return {"path": folder, "sources_sha256": digest.hexdigest()[:16], "git_commit": commit, "python_dirty": dirty}
 
 
@@ -265,6 +269,6 @@ def lora_a_norms(model) -> Dict[str, float]:
 
     per_type: Dict[str, List[float]] = {}
     for name, layer in peft_lora_layers(model, "default").items():
-        per_type.setdefault(name.rsplit(".", 1)[-1], []).append(float(layer.lora_A["default"].weight.norm()))
+        per_type.setdefault(name.rsplit(".", 1)[-1], []).append(float(layer.lora_A["default"].weight.detach().norm()))
     return {kind: sum(v) / len(v) for kind, v in per_type.items()}
 

@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--em-n", type=int, default=128)
     p.add_argument("--curve-points", type=int, default=3, help="pick-loss evaluations, step 0 and the end included")
     p.add_argument("--curve-n", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=192, help="the longest training answer is 168 tokens")
     p.add_argument("--gen-batch", type=int, default=32)
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
