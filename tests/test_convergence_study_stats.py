@@ -95,3 +95,43 @@ def test_energy_ratio_against_eigenbasis():
     # isotropic Z: every direction is average
     assert study_inits.energy_ratio(torch.randn(r, d), torch.eye(d) * 7) == pytest.approx(1.0, rel=1e-6)
     assert math.isfinite(study_inits.energy_ratio(torch.randn(r, d), z))
+
+
+def _put(folder, arm, lr, seed, loss, diverged=False):
+    import json
+
+    with open(folder / f"{arm}_lr{lr:g}_s{seed}.json", "w") as handle:
+        json.dump({"arm": arm, "lr": lr, "seed": seed, "pick_loss": loss, "diverged": diverged}, handle)
+
+
+def test_driver_plan_resumes_extends_edges_and_picks_best_lr(tmp_path):
+    """The driver's plan from fake run JSONs: done runs are not missing, an arm whose best
+    pick loss is at the grid's top gets the next LR up, a diverged run is never best, and the
+    extra seeds go to the best LR of lora, lora-da and the best variant once those are final."""
+    from types import SimpleNamespace
+
+    import study_driver
+
+    args = SimpleNamespace(out=str(tmp_path), arms="lora-da,lora,lora-da-lobpcg10,lora-da-zrel1e-4,lora-da-zrel1e-2",
+                           first_lr=2e-4, lrs="1e-4,2e-4,5e-4", max_extend=1, extra_seeds_for="lora,lora-da",
+                           extra_seeds="1")
+    runs, _ = study_driver.plan(args)
+    assert runs[:2] == [("lora-da", 2e-4, 0), ("lora", 2e-4, 0)]  # priority: 2e-4 first
+    assert len(runs) == 15
+    for arm in args.arms.split(","):
+        _put(tmp_path, arm, 1e-4, 0, 1.0)
+        _put(tmp_path, arm, 2e-4, 0, 0.9)
+        _put(tmp_path, arm, 5e-4, 0, 0.8 if arm != "lora-da-zrel1e-2" else 0.95)
+    _put(tmp_path, "lora", 1e-3, 0, float("nan"), diverged=True)
+    runs, notes = study_driver.plan(args)
+    missing = [r for r in runs if study_driver.read_result(str(tmp_path), r) is None]
+    assert ("lora", 5e-4, 1) in missing  # lora's extension diverged: 5e-4 stays best, its seed 1 is planned
+    assert ("lora-da", 1e-3, 0) in missing and ("lora-da-zrel1e-2", 1e-3, 0) not in missing
+    assert any("best LoRA-DA variant not yet known" in n for n in notes)
+    _put(tmp_path, "lora-da", 1e-3, 0, 0.7)
+    _put(tmp_path, "lora-da-lobpcg10", 1e-3, 0, 0.85)
+    _put(tmp_path, "lora-da-zrel1e-4", 1e-3, 0, 0.75)
+    runs, notes = study_driver.plan(args)
+    missing = [r for r in runs if study_driver.read_result(str(tmp_path), r) is None]
+    assert sorted(missing) == sorted([("lora", 5e-4, 1), ("lora-da", 1e-3, 1), ("lora-da-zrel1e-4", 1e-3, 1)])
+    assert not notes

@@ -148,6 +148,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     png = args.png or os.path.splitext(args.md)[0] + ".png"
     runs = load(args.runs)
+    os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
     summaries = [arm_summary(runs, arm) for arm in ORDER]
     base = summaries[0]
     missing, notes = missing_runs(args.runs)
@@ -156,8 +157,8 @@ def main(argv=None) -> int:
     if runs:
         plot(runs, summaries, png)
         lines += [f"![training loss, loss vs LR, exact match]({os.path.basename(png)})", ""]
-    lines += ["**Status: partial.** " if missing else "**Status: complete.** ",
-              f"{len(runs)} runs done; {len(missing)} of the planned runs missing"
+    lines += [("**Status: partial.** " if missing else "**Status: complete.** ")
+              + f"{len(runs)} runs done; {len(missing)} of the runs planned so far missing"
               + (": " + ", ".join(missing) if missing else "") + ".", ""]
     lines += [f"* not yet known: {n}" for n in notes] + ([""] if notes else [])
     lines += ["Produced by", "", "    " + DRIVER.format(out=args.runs), "    python bench/convergence/study_report.py", ""]
@@ -184,6 +185,22 @@ def main(argv=None) -> int:
         lines.append(f"| {s['arm']} | {s['lr']:g} | {', '.join(f'{x:g}' for x in s['lrs_tried'])} | "
                      f"{','.join(map(str, s['seeds']))} | {fmt(s['loss_mean'])} | {fmt(s['spread'])} | {em_text} | "
                      f"{' / '.join(s['em_by_seed'])} | {diff} | {mc} | {c['verdict'] if c else '—'} |")
+    by_arm = {s["arm"]: s for s in summaries}
+    lines += ["", "## Does LoRA-DA beat LoRA and LoRA-One here?", "",
+              "Called only when the paired bootstrap interval of the report-loss difference excludes 0 and the "
+              "difference exceeds the larger seed spread of the two arms (each at its best LR); exact match by "
+              "McNemar's p < 0.05.", ""]
+    for other in ("lora", "lora-one"):
+        s, o = by_arm["lora-da"], by_arm[other]
+        if s["lr"] is None or o["lr"] is None:
+            lines.append(f"* lora-da vs {other}: not yet run.")
+            continue
+        c = compare(s, o)
+        em_text = (f"exact match {s['em']['correct']}/{s['em']['n']} vs {o['em']['correct']}/{o['em']['n']}, McNemar p = "
+                   f"{c['p']:.3g}" if c["p"] is not None else "exact match n/a")
+        lines.append(f"* lora-da (lr {s['lr']:g}) vs {other} (lr {o['lr']:g}): report loss {fmt(s['loss_mean'])} vs "
+                     f"{fmt(o['loss_mean'])}, Δ {c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] → {c['verdict']}; "
+                     f"{em_text}" + ("" if not missing else " (partial: best LRs may change as runs land)") + ".")
     lines += ["", "## Energy of lora_A (why)", "",
               "Per module type, the mean over layers of [tr(A Z Aᵀ)/tr(A Aᵀ)] / [tr(Z)/d_in]: the activation energy "
               "along A's rows (weighted by their squared norms) relative to a uniformly random unit direction "
@@ -205,11 +222,10 @@ def main(argv=None) -> int:
         em = r.get("exact_match")
         init = r.get("init") or {}
         lines.append(f"| {run_name(*key)} | {fmt(r['pick_loss'])} | {fmt(r['report_loss'])} | "
-                     f"{em['correct']}/{em['n'] if em else ''} | {r['steps_done']}/{r['steps']} | "
+                     f"{(str(em['correct']) + '/' + str(em['n'])) if em else 'n/a'} | {r['steps_done']}/{r['steps']} | "
                      f"{fmt(init.get('init_seconds'), 0)} | {r['train_seconds']:.0f} | {fmt(r['median_step_seconds'], 1)} | "
                      f"{r['exact_match_seconds']:.0f} | {r['wall_seconds'] / 60:.1f} | "
                      f"{r['env']['lora_da'].get('git_commit', '')[:9]} ({r['env']['lora_da']['sources_sha256']}) |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
     tmp = args.md + ".tmp"
     with open(tmp, "w") as handle:
         handle.write("\n".join(lines) + "\n")
