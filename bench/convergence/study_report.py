@@ -217,7 +217,7 @@ def main(argv=None) -> int:
                      f"{fmt(norms.get('q_proj'), 3)} / {fmt(norms.get('down_proj'), 3)} |")
         lines.append(f"| {s['arm']} | end | {energy_row(run, 'energy_ratio_final')} | |")
     lines += ["", "## Every run", "", "| run | pick loss | report loss | exact match | steps | init s | train s | "
-              "median step s | EM s | wall min | lora_da commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "median step s | EM s | wall min | CPU min | lora_da commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in sorted(runs.items(), key=lambda kv: (ORDER.index(kv[0][0]) if kv[0][0] in ORDER else 99, kv[0][1:])):
         em = r.get("exact_match")
         init = r.get("init") or {}
@@ -225,6 +225,7 @@ def main(argv=None) -> int:
                      f"{(str(em['correct']) + '/' + str(em['n'])) if em else 'n/a'} | {r['steps_done']}/{r['steps']} | "
                      f"{fmt(init.get('init_seconds'), 0)} | {r['train_seconds']:.0f} | {fmt(r['median_step_seconds'], 1)} | "
                      f"{r['exact_match_seconds']:.0f} | {r['wall_seconds'] / 60:.1f} | "
+                     f"{fmt(r['cpu_seconds'] / 60 if r.get('cpu_seconds') else None, 1)} | "
                      f"{r['env']['lora_da'].get('git_commit', '')[:9]} ({r['env']['lora_da']['sources_sha256']}) |")
     tmp = args.md + ".tmp"
     with open(tmp, "w") as handle:

@@ -26,6 +26,7 @@ import argparse
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -73,6 +74,12 @@ def parse_args(argv=None):
 
 def log(*parts) -> None:
     print(time.strftime("%H:%M:%S"), *parts, flush=True)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (wall time also counts the pauses other jobs impose)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def load_base(model_dir: str):
@@ -185,6 +192,7 @@ def main(argv=None) -> int:
         log(f"{out_path} exists: skipped")
         return 0
     wall_start = time.perf_counter()
+    cpu_start = cpu_seconds()
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
     from lora_da.demo_assets import smollm2_dir
 
@@ -239,11 +247,11 @@ def main(argv=None) -> int:
     if 0 in curve_steps:
         evaluate(0)
     model.train()
-    train_losses, step_seconds, lrs, grad_norms = [], [], [], []
+    train_losses, step_seconds, lrs, grad_norms, step_cpu = [], [], [], [], []
     diverged = False
     for step in range(1, run_steps + 1):
         batch = collate([train[i] for i in order[(step - 1) * args.batch_size: step * args.batch_size]], pad_id)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         loss = model(**batch).loss
         loss.backward()
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip)))
@@ -252,6 +260,7 @@ def main(argv=None) -> int:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - t)
+        step_cpu.append(cpu_seconds() - c)
         train_losses.append(loss.item())
         if not math.isfinite(train_losses[-1]):
             diverged = True
@@ -294,6 +303,9 @@ def main(argv=None) -> int:
         "median_step_seconds": float(statistics.median(step_seconds)) if step_seconds else None,
         "curve_eval_seconds": eval_seconds, "final_eval_seconds": final_eval_seconds, "exact_match_seconds": em_seconds,
         "wall_seconds": time.perf_counter() - wall_start,
+        "cpu_seconds": cpu_seconds() - cpu_start,
+        "train_cpu_seconds": sum(step_cpu),
+        "median_step_cpu_seconds": float(statistics.median(step_cpu)) if step_cpu else None,
         "train_loss": train_losses, "lr_schedule": lrs, "grad_norm_before_clip": grad_norms,
         "curve": curve,
         "pick_loss": curve[-1]["pick_loss"],
