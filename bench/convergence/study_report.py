@@ -163,7 +163,15 @@ def main(argv=None) -> int:
     lines += [f"* not yet known: {n}" for n in notes] + ([""] if notes else [])
     lines += ["Produced by", "", "    " + DRIVER.format(out=args.runs), "    python bench/convergence/study_report.py", ""]
     if any_run:
+        st = any_run["settings"]
         lines += ["## Recipe and departures from the published one", "", f"* {any_run['recipe']}.",
+                  f"* **Departure (CPU budget):** one epoch of N = {st['train_n']} samples in batches of "
+                  f"{st['batch_size']} = {any_run['steps']} optimizer steps ({any_run['warmup_steps']} warmup; "
+                  "transformers' schedule starts the warmup at lr 0), instead of the published 100k samples × "
+                  "batch 32 = 3125 steps; the data-aware inits use the first "
+                  f"{st['calib_n']} samples of the training pool (train_size = N = {st['train_n']}), of which the "
+                  f"run trains the first {st['train_n']}. Samples over {st['max_len']} tokens are dropped, never "
+                  "cut (published: < 512 tokens kept, sequence length 1024).",
                   f"* Data: {json.dumps(any_run['data'])}", ""]
     lines += ["## Results at each arm's best LR", "",
               "Report loss: token-weighted mean cross-entropy on the report split (mean over seeds; spread = max − min). "
@@ -227,6 +235,10 @@ def main(argv=None) -> int:
                      f"{r['exact_match_seconds']:.0f} | {r['wall_seconds'] / 60:.1f} | "
                      f"{fmt(r['cpu_seconds'] / 60 if r.get('cpu_seconds') else None, 1)} | "
                      f"{r['env']['lora_da'].get('git_commit', '')[:9]} ({r['env']['lora_da']['sources_sha256']}) |")
+    lines += ["", "Times: one thread under `nice -n 19` on a shared 2-core machine; wall seconds include the pauses "
+              "other jobs imposed (benchmarks there stop background jobs while they measure), CPU min is the run "
+              "process's own CPU time (recorded from commit 997b7df on). Init s: the one-time statistics pass "
+              "(wall) plus the arm's solve, shared by the five data-aware arms."]
     tmp = args.md + ".tmp"
     with open(tmp, "w") as handle:
         handle.write("\n".join(lines) + "\n")
