@@ -34,6 +34,7 @@ if mode == "save":
     os.makedirs(directory, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, f"{directory}/stats.safetensors")
     json.dump({"groups": [list(g.members) for g in stats.groups], "modules": {n: m.group_index for n, m in stats.modules.items()},
+               "group_tokens": [g.num_tokens for g in stats.groups], "module_tokens": {n: m.num_tokens for n, m in stats.modules.items()},
                "num_tokens": stats.num_tokens, "num_samples": stats.num_samples, "num_batches": stats.num_batches},
               open(f"{directory}/meta.json", "w"))
     print("saved", stats.nbytes() / 2**20, "MiB")
@@ -43,8 +44,12 @@ from lora_da.config import LoraDAConfig
 from lora_da.methods import lora_da as method
 meta = json.load(open(f"{directory}/meta.json"))
 t = load_file(f"{directory}/stats.safetensors")
-groups = [InputGroup(tuple(m), t[f"z{i}"]) for i, m in enumerate(meta["groups"])]
-modules = {n: ModuleStatistics(n, gi, t[f"g:{n}"], t[f"y:{n}"]) for n, gi in meta["modules"].items()}
+# each group's and module's own token count (older saves have only the pass's, which every
+# group of this job shares)
+group_tokens = meta.get("group_tokens", [meta["num_tokens"]] * len(meta["groups"]))
+module_tokens = meta.get("module_tokens", {n: meta["num_tokens"] for n in meta["modules"]})
+groups = [InputGroup(tuple(m), t[f"z{i}"], group_tokens[i]) for i, m in enumerate(meta["groups"])]
+modules = {n: ModuleStatistics(n, gi, t[f"g:{n}"], t[f"y:{n}"], module_tokens[n]) for n, gi in meta["modules"].items()}
 stats = KFACStatistics(modules, groups, num_samples=meta["num_samples"], num_tokens=meta["num_tokens"], num_batches=meta["num_batches"])
 del t
 how = sys.argv[3]
