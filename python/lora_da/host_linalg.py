@@ -46,7 +46,7 @@ def cholesky_lower(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if _matrix_step(matrices) is None:
         upper, info = torch.linalg.cholesky_ex(matrices, upper=True)
         return upper.mT, info  # LAPACK's column-major upper factor is the row-major lower one
-    factors = matrices.contiguous().clone() if matrices.is_contiguous() else matrices.contiguous()
+    factors = matrices.clone(memory_format=torch.contiguous_format)
     return factors, cholesky_lower_(factors)
 
 
@@ -57,7 +57,7 @@ def cholesky_lower_(matrices: torch.Tensor) -> torch.Tensor:
     batch, n = matrices.shape[0], matrices.shape[-1]
     step = _matrix_step(matrices)
     if step is None or (batch > 1 and step < n * n):
-        factors, info = cholesky_lower(matrices.clone())
+        factors, info = cholesky_lower(matrices)  # which does not write its input
         matrices.copy_(factors)
         return info
     values = core().cholesky_lower(matrices.data_ptr(), batch, n, step, _DTYPES[matrices.dtype], torch.get_num_threads())
@@ -84,6 +84,6 @@ def cholesky_solve_(rhs_transposed: torch.Tensor, factors: torch.Tensor) -> None
         rhs_transposed.mT.copy_(torch.cholesky_solve(rhs_transposed.mT, factors.mT, upper=True))
         return
     core().cholesky_solve(
-        factors.data_ptr(), factor_step if batch > 1 else 0, rhs_transposed.data_ptr(), rhs_step, batch, n, nrhs,
+        factors.data_ptr(), factor_step, rhs_transposed.data_ptr(), rhs_step, batch, n, nrhs,
         _DTYPES[factors.dtype], torch.get_num_threads(),
     )
