@@ -156,3 +156,39 @@ def final_number(text: str) -> Optional[float]:
         return float(cleaned)
     except ValueError:
         return None
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, rows: Sequence[dict], gen_batch: int, max_new_tokens: int,
+                   eos_id: int, pad_id: int) -> List[dict]:
+    """Greedy generation for each row's whole prompt (batches of ``gen_batch``, left padding), cut at
+    ``eos_id``: per row ``predicted`` (:func:`final_number`), ``reference``, ``correct``,
+    ``stopped_at_eos``, ``new_tokens`` and the decoded ``text``. Leaves the model in eval mode
+    with ``use_cache`` off."""
+    model.eval()
+    model.config.use_cache = True
+    results = []
+    for i in range(0, len(rows), gen_batch):
+        chunk = rows[i: i + gen_batch]
+        prompts = [prompt_and_answer_ids(tokenizer, row)[0] for row in chunk]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos_id, pad_token_id=pad_id)
+        for row, seq in zip(chunk, out[:, width:]):
+            tokens = seq.tolist()
+            stopped = eos_id in tokens
+            tokens = tokens[: tokens.index(eos_id)] if stopped else tokens
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            predicted = final_number(text)
+            reference = float(row["reference"].replace(",", ""))
+            results.append({"predicted": predicted, "reference": reference, "stopped_at_eos": stopped,
+                            "new_tokens": len(tokens), "correct": predicted is not None and abs(predicted - reference) < 1e-6,
+                            "text": text})
+    model.config.use_cache = False
+    return results
+

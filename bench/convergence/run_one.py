@@ -37,9 +37,8 @@ from common import (  # noqa: E402
     collate,
     encode,
     file_lock,
-    final_number,
+    greedy_answers,
     load_data,
-    prompt_and_answer_ids,
     run_name,
     truncation_summary,
     write_json_atomic,
@@ -184,35 +183,9 @@ def heldout_loss(model, samples, pad_id: int, batch_size: int) -> float:
     return total / count
 
 
-@torch.no_grad()
 def exact_match(model, tokenizer, rows, args, eos_id: int, pad_id: int) -> dict:
     """Greedy generation (left padding, full untruncated prompts), answer number vs the reference."""
-    model.eval()
-    model.config.use_cache = True
-    results = []
-    for i in range(0, len(rows), args.gen_batch):
-        chunk = rows[i: i + args.gen_batch]
-        prompts = [prompt_and_answer_ids(tokenizer, row)[0] for row in chunk]
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for j, p in enumerate(prompts):
-            ids[j, width - len(p):] = torch.tensor(p)
-            mask[j, width - len(p):] = 1
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             eos_token_id=eos_id, pad_token_id=pad_id)
-        for row, seq in zip(chunk, out[:, width:]):
-            tokens = seq.tolist()
-            stopped = eos_id in tokens
-            if stopped:
-                tokens = tokens[: tokens.index(eos_id)]
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            predicted = final_number(text)
-            reference = float(row["reference"].replace(",", ""))
-            results.append({"predicted": predicted, "reference": reference, "stopped_at_eos": stopped,
-                            "new_tokens": len(tokens), "correct": predicted is not None and abs(predicted - reference) < 1e-6,
-                            "text": text})
-    model.config.use_cache = False
+    results = greedy_answers(model, tokenizer, rows, args.gen_batch, args.max_new_tokens, eos_id, pad_id)
     correct = sum(r["correct"] for r in results)
     return {
         "correct": correct,

@@ -34,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import IGNORE_INDEX, TARGET_MODULES, collate, final_number, prompt_and_answer_ids, run_name, write_json_atomic  # noqa: E402
+from common import IGNORE_INDEX, TARGET_MODULES, collate, greedy_answers, run_name, write_json_atomic  # noqa: E402
 import study_data  # noqa: E402
 import study_inits  # noqa: E402
 
@@ -113,39 +113,14 @@ def mean_loss(pairs) -> float:
     return sum(s for s, _ in pairs) / max(sum(c for _, c in pairs), 1)
 
 
-@torch.no_grad()
 def exact_match(model, tokenizer, rows, args, eos_id: int, pad_id: int) -> dict:
     """Greedy generation (left padding, whole prompts): the answer number against the reference."""
-    model.eval()
-    model.config.use_cache = True
-    results = []
-    for i in range(0, len(rows), args.gen_batch):
-        chunk = rows[i: i + args.gen_batch]
-        prompts = [prompt_and_answer_ids(tokenizer, row)[0] for row in chunk]
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for j, p in enumerate(prompts):
-            ids[j, width - len(p):] = torch.tensor(p)
-            mask[j, width - len(p):] = 1
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             eos_token_id=eos_id, pad_token_id=pad_id)
-        for row, seq in zip(chunk, out[:, width:]):
-            tokens = seq.tolist()
-            stopped = eos_id in tokens
-            tokens = tokens[: tokens.index(eos_id)] if stopped else tokens
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            predicted = final_number(text)
-            reference = float(row["reference"].replace(",", ""))
-            results.append({"predicted": predicted, "stopped_at_eos": stopped, "new_tokens": len(tokens),
-                            "correct": predicted is not None and abs(predicted - reference) < 1e-6,
-                            "has_hash_line": "####" in text})
-    model.config.use_cache = False
+    results = greedy_answers(model, tokenizer, rows, args.gen_batch, args.max_new_tokens, eos_id, pad_id)
     correct = sum(r["correct"] for r in results)
     return {
         "correct": correct, "n": len(results), "accuracy": correct / max(len(results), 1),
         "stopped_at_eos": sum(r["stopped_at_eos"] for r in results),
-        "with_hash_line": sum(r["has_hash_line"] for r in results),
+        "with_hash_line": sum("####" in r["text"] for r in results),
         "median_new_tokens": float(statistics.median(r["new_tokens"] for r in results)) if results else 0.0,
         "per_prompt_correct": [bool(r["correct"]) for r in results],
         "per_prompt_predicted": [r["predicted"] for r in results],
