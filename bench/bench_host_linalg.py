@@ -4,8 +4,10 @@
 
 At SmolLM2-135M's shapes (30 layers; d_in 576 with d_out 576 / 1536, d_in 1536 with
 d_out 576): ``lora_da.host_linalg.cholesky_lower`` against ``torch.linalg.cholesky_ex``,
-and ``host_linalg.cholesky_solve_`` (in place) against ``torch.cholesky_solve``, the
-best of ``--repeat``, interleaved in one process. Prints a markdown table.
+and the in-place ``host_linalg.cholesky_solve_`` on both of its backends (``core``:
+OpenBLAS; ``torch``: ``solve_triangular`` into the right-hand sides) against the batched
+``torch.cholesky_solve``, the best of ``--repeat``, interleaved in one process. Prints a
+markdown table and the backend ``host_linalg.solve_backend()`` picks on this machine.
 """
 
 from __future__ import annotations
@@ -50,13 +52,15 @@ def main(argv=None) -> int:
         factor, _ = host_linalg.cholesky_lower(z)
         gradient = torch.randn(args.batch, d_out, d_in, generator=generator, dtype=torch.float64)
         work = gradient.clone()
-        core_solve = best_seconds(lambda: host_linalg.cholesky_solve_(work, factor), args.repeat)
+        core_solve = best_seconds(lambda: host_linalg.cholesky_solve_(work, factor, backend="core"), args.repeat)
+        in_place_solve = best_seconds(lambda: host_linalg.cholesky_solve_(work, factor, backend="torch"), args.repeat)
         torch_solve = best_seconds(lambda: torch.cholesky_solve(gradient.mT, factor.mT, upper=True), args.repeat)
         rows.append([f"{args.batch} x {d_in}", f"{torch_factor:.3f}", f"{core_factor:.3f}", f"{torch_factor / core_factor:.2f}x",
-                     d_out, f"{torch_solve:.3f}", f"{core_solve:.3f}", f"{torch_solve / core_solve:.2f}x"])
-    print(f"float64, {args.threads} threads, torch {torch.__version__}\n")
-    print(markdown_table(["batch x d_in", "torch cholesky (s)", "core cholesky (s)", "speed-up", "d_out",
-                          "torch solve (s)", "core solve (s)", "speed-up"], rows))
+                     d_out, f"{torch_solve:.3f}", f"{core_solve:.3f}", f"{in_place_solve:.3f}"])
+    print(f"float64, {args.threads} threads, torch {torch.__version__}; "
+          f"host_linalg.solve_backend() here: {host_linalg.solve_backend()!r}\n")
+    print(markdown_table(["batch x d_in", "torch cholesky (s)", "core cholesky (s)", "core speed-up", "d_out",
+                          "torch.cholesky_solve (s)", "solve, core (s)", "solve, torch in place (s)"], rows))
     return 0
 
 

@@ -78,15 +78,18 @@ def test_in_place_factor_overwrites_and_the_column_major_view_falls_back():
     torch.testing.assert_close(column_major, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["core", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("batch, n, nrhs", [(1, 1, 1), (3, 7, 2), (4, 33, 50), (2, 130, 9), (3, 16, 0)])
-def test_solve_residual_is_backward_stable(batch, n, nrhs, dtype):
+def test_solve_residual_is_backward_stable(batch, n, nrhs, dtype, backend):
     a = _spd(batch, n, seed=n + nrhs, dtype=dtype, condition=1e2)
     factor, _ = host_linalg.cholesky_lower(a)
     generator = torch.Generator().manual_seed(7)
     rhs = torch.randn(batch, nrhs, n, generator=generator, dtype=torch.float64).to(dtype)  # stored transposed, as G
     x = rhs.clone()
-    host_linalg.cholesky_solve_(x, factor)
+    pointer = x.data_ptr()
+    host_linalg.cholesky_solve_(x, factor, backend=backend)
+    assert x.data_ptr() == pointer
     a64, x64, b64 = a.to(torch.float64), x.to(torch.float64).mT, rhs.to(torch.float64).mT
     residual = (a64 @ x64 - b64).abs().amax() if nrhs else torch.tensor(0.0)
     bound = 8 * n * EPS[dtype] * a64.abs().amax() * x64.abs().sum(-2).amax() if nrhs else 0.0
@@ -95,14 +98,42 @@ def test_solve_residual_is_backward_stable(batch, n, nrhs, dtype):
         torch.testing.assert_close(x64, torch.linalg.solve(a64, b64), rtol=1e3 * n * EPS[dtype], atol=1e3 * n * EPS[dtype])
 
 
-def test_solve_with_a_shared_factor_and_bad_shapes():
+@pytest.mark.parametrize("backend", ["core", "torch"])
+def test_solve_with_shared_and_spaced_factors(backend):
     a = _spd(1, 10, seed=5)
     factor, _ = host_linalg.cholesky_lower(a)
     shared = factor[0].expand(3, 10, 10)  # one factor for three right-hand sides (spacing 0)
     rhs = torch.randn(3, 4, 10, dtype=torch.float64)
     x = rhs.clone()
-    host_linalg.cholesky_solve_(x, shared)
+    host_linalg.cholesky_solve_(x, shared, backend=backend)
     torch.testing.assert_close(x.mT, torch.linalg.solve(a[0], rhs.mT), rtol=1e-10, atol=1e-12)
+    several = _spd(6, 10, seed=8)
+    spaced = host_linalg.cholesky_lower(several)[0][::2]  # every other factor of one storage
+    x = rhs.clone()
+    host_linalg.cholesky_solve_(x, spaced, backend=backend)
+    torch.testing.assert_close(x.mT, torch.linalg.solve(several[::2], rhs.mT), rtol=1e-10, atol=1e-12)
+
+
+def test_solve_backend_policy_and_bad_names(monkeypatch):
+    monkeypatch.setenv("LORA_DA_HOST_SOLVES", "core")
+    assert host_linalg.solve_backend() == "core"
+    monkeypatch.setenv("LORA_DA_HOST_SOLVES", "torch")
+    assert host_linalg.solve_backend() == "torch"
+    monkeypatch.setenv("LORA_DA_HOST_SOLVES", "mkl")
+    with pytest.raises(ValueError, match="LORA_DA_HOST_SOLVES must be 'core' or 'torch'"):
+        host_linalg.solve_backend()
+    monkeypatch.delenv("LORA_DA_HOST_SOLVES")
+    monkeypatch.setattr(host_linalg, "_cpu_vendor", lambda: "AuthenticAMD")
+    assert host_linalg.solve_backend() == "core"
+    monkeypatch.setattr(host_linalg, "_cpu_vendor", lambda: "GenuineIntel")
+    assert host_linalg.solve_backend() == ("torch" if torch.backends.mkl.is_available() else "core")
+    a = _spd(1, 4, seed=9)
+    with pytest.raises(ValueError, match="backend must be 'core' or 'torch'"):
+        host_linalg.cholesky_solve_(torch.zeros(1, 2, 4, dtype=torch.float64), host_linalg.cholesky_lower(a)[0], backend="x")
+
+
+def test_solve_bad_shapes():
+    shared = host_linalg.cholesky_lower(_spd(1, 10, seed=5))[0].expand(3, 10, 10)
     with pytest.raises(ValueError, match=r"cholesky_solve_: right-hand sides \(B, nrhs, n\)"):
         host_linalg.cholesky_solve_(torch.zeros(3, 4, 9, dtype=torch.float64), shared)
 

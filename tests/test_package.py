@@ -229,3 +229,18 @@ def test_imports_follow_the_readme_module_table():
     assert not upward, upward
     unlisted = {_top(m, levels) for m in graph} - set(levels) - {"lora_da", "lora_da.__main__"}
     assert not unlisted, f"modules missing from README's table: {sorted(unlisted)}"
+
+
+def test_the_kernels_folder_does_not_hide_a_top_level_kernels_package():
+    """``kernels/`` has no ``__init__.py`` (kernels/README.md): from the repository root, the
+    PyPI package ``kernels`` (which transformers imports) must win over our folder."""
+    import subprocess
+    import sys
+
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    code = "import importlib.util; spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else None)"
+    found = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    if found == "None":  # a namespace package has no origin: then nothing else named kernels is installed
+        pytest.skip("no package named kernels is installed")
+    assert not found.startswith(str(ROOT / "kernels")), found
+    import lora_da.kernels.kfac_stats  # noqa: F401  (the namespace subpackage still imports)

@@ -1,11 +1,15 @@
 """Batched Cholesky factorizations and solves of LoRA-DA's preparation (docs/math.md §3, §5.3).
 
-On the CPU they run in the compiled core (``lora_da._core.cholesky_lower`` /
-``cholesky_solve``: OpenBLAS's ``?potrf`` and ``?trsm``, in place, over strided
-batches); elsewhere — other devices, layouts the core does not take — through
-torch. On the 2-core AMD machine this project is developed on, torch's batched
-float64 calls (MKL) took 1.6–3x as long as the core's at SmolLM2's shapes
-(``bench/bench_host_linalg.py``), and the in-place solve needs no output copy.
+On the CPU the factorizations run in the compiled core (``lora_da._core.cholesky_lower``:
+OpenBLAS's ``?potrf``, in place, over strided batches); the solves run in the core
+(``cholesky_solve``: OpenBLAS's ``?trsm``) or in torch (``torch.linalg.solve_triangular``
+writing into the right-hand sides, MKL's ``?trsm`` in the x86 wheels), by
+:func:`solve_backend`; elsewhere — other devices, layouts the core does not take — torch.
+Measured with ``bench/bench_host_linalg.py`` at SmolLM2's shapes (float64): on the 2-core
+AMD machine torch's batched calls (MKL) took 1.6–3x as long as the core's for both; on
+the Intel (Sapphire Rapids) one the core's Cholesky was still 1.1–2.3x faster than torch's,
+but MKL's in-place solves were 1.7–2.2x faster than OpenBLAS's. Both solves are in place (no output
+copy) and backward stable, so the choice changes the answer only at rounding level.
 
 Layouts: every matrix row-major ``n x n`` (``stride(-2, -1) == (n, 1)``); a batch is
 ``(B, n, n)``, its matrices equally spaced in one storage (a
@@ -17,6 +21,8 @@ stacked gradient ``G`` (``d_out x d_in``) is ``Gᵀ``.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -36,6 +42,32 @@ def _matrix_step(batch: torch.Tensor) -> Optional[int]:
     if batch.shape[-2] > 1 and batch.stride(-2) != batch.shape[-1]:
         return None
     return batch.stride(0) if batch.shape[0] > 1 else batch.shape[-2] * batch.shape[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_vendor() -> str:
+    """The CPU's vendor string from ``/proc/cpuinfo`` (``""`` where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def solve_backend() -> str:
+    """Which library runs :func:`cholesky_solve_` on CPU tensors: ``"torch"`` where torch
+    was built with MKL and the CPU is Intel's (MKL's ``?trsm`` was the faster there), else
+    ``"core"`` (OpenBLAS, faster on the AMD machine measured). ``LORA_DA_HOST_SOLVES=core``
+    or ``=torch`` overrides it (benchmarks and tests)."""
+    forced = os.environ.get("LORA_DA_HOST_SOLVES", "")
+    if forced in ("core", "torch"):
+        return forced
+    if forced:
+        raise ValueError(f"LORA_DA_HOST_SOLVES must be 'core' or 'torch', got {forced!r}")
+    return "torch" if torch.backends.mkl.is_available() and _cpu_vendor() == "GenuineIntel" else "core"
 
 
 def cholesky_lower(matrices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -64,10 +96,11 @@ def cholesky_lower_(matrices: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32)
 
 
-def cholesky_solve_(rhs_transposed: torch.Tensor, factors: torch.Tensor) -> None:
+def cholesky_solve_(rhs_transposed: torch.Tensor, factors: torch.Tensor, backend: Optional[str] = None) -> None:
     """In place: ``rhs_transposed[b].mT ← (L_b L_bᵀ)⁻¹ rhs_transposed[b].mT`` for the row-major
     lower factors ``factors`` (``(B, n, n)``) and ``rhs_transposed`` (``(B, nrhs, n)``, the
-    systems' right-hand sides stored transposed, no two sharing storage)."""
+    systems' right-hand sides stored transposed, no two sharing storage). ``backend``:
+    ``"core"`` or ``"torch"`` (default: :func:`solve_backend`)."""
     if rhs_transposed.dim() != 3 or factors.dim() != 3 or rhs_transposed.shape[0] != factors.shape[0] \
             or rhs_transposed.shape[-1] != factors.shape[-1] or factors.shape[-1] != factors.shape[-2]:
         raise ValueError(
@@ -83,6 +116,17 @@ def cholesky_solve_(rhs_transposed: torch.Tensor, factors: torch.Tensor) -> None
     if not usable:
         rhs_transposed.mT.copy_(torch.cholesky_solve(rhs_transposed.mT, factors.mT, upper=True))
         return
+    backend = solve_backend() if backend is None else backend
+    if backend == "torch":
+        # one matrix at a time: a batched call copies a strided batch of factors (twice), while a
+        # single row-major factor and column-major system are solved where they lie
+        for index in range(batch):
+            system, factor = rhs_transposed[index].mT, factors[index]
+            torch.linalg.solve_triangular(factor, system, upper=False, left=True, out=system)
+            torch.linalg.solve_triangular(factor.mT, system, upper=True, left=True, out=system)
+        return
+    if backend != "core":
+        raise ValueError(f"cholesky_solve_: backend must be 'core' or 'torch', got {backend!r}")
     core().cholesky_solve(
         factors.data_ptr(), factor_step, rhs_transposed.data_ptr(), rhs_step, batch, n, nrhs,
         _DTYPES[factors.dtype], torch.get_num_threads(),
