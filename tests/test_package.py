@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -234,9 +236,6 @@ def test_imports_follow_the_readme_module_table():
 def test_the_kernels_folder_does_not_hide_a_top_level_kernels_package():
     """``kernels/`` has no ``__init__.py`` (kernels/README.md): from the repository root, the
     PyPI package ``kernels`` (which transformers imports) must win over our folder."""
-    import subprocess
-    import sys
-
     assert not (ROOT / "kernels" / "__init__.py").exists()
     code = "import importlib.util; spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else None)"
     found = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()

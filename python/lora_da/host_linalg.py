@@ -101,6 +101,9 @@ def cholesky_solve_(rhs_transposed: torch.Tensor, factors: torch.Tensor, backend
     lower factors ``factors`` (``(B, n, n)``) and ``rhs_transposed`` (``(B, nrhs, n)``, the
     systems' right-hand sides stored transposed, no two sharing storage). ``backend``:
     ``"core"`` or ``"torch"`` (default: :func:`solve_backend`)."""
+    backend = solve_backend() if backend is None else backend
+    if backend not in ("core", "torch"):
+        raise ValueError(f"cholesky_solve_: backend must be 'core' or 'torch', got {backend!r}")
     if rhs_transposed.dim() != 3 or factors.dim() != 3 or rhs_transposed.shape[0] != factors.shape[0] \
             or rhs_transposed.shape[-1] != factors.shape[-1] or factors.shape[-1] != factors.shape[-2]:
         raise ValueError(
@@ -116,7 +119,6 @@ def cholesky_solve_(rhs_transposed: torch.Tensor, factors: torch.Tensor, backend
     if not usable:
         rhs_transposed.mT.copy_(torch.cholesky_solve(rhs_transposed.mT, factors.mT, upper=True))
         return
-    backend = solve_backend() if backend is None else backend
     if backend == "torch":
         # one matrix at a time: a batched call copies a strided batch of factors (twice), while a
         # single row-major factor and column-major system are solved where they lie
@@ -125,8 +127,6 @@ def cholesky_solve_(rhs_transposed: torch.Tensor, factors: torch.Tensor, backend
             torch.linalg.solve_triangular(factor, system, upper=False, left=True, out=system)
             torch.linalg.solve_triangular(factor.mT, system, upper=True, left=True, out=system)
         return
-    if backend != "core":
-        raise ValueError(f"cholesky_solve_: backend must be 'core' or 'torch', got {backend!r}")
     core().cholesky_solve(
         factors.data_ptr(), factor_step, rhs_transposed.data_ptr(), rhs_step, batch, n, nrhs,
         _DTYPES[factors.dtype], torch.get_num_threads(),
