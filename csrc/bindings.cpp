@@ -31,6 +31,7 @@ namespace py = pybind11;
 
 void register_build_info(py::module_& m);  // csrc/build_info.cpp
 void register_cholesky(py::module_& m);    // csrc/cholesky_cpu.cpp
+void register_gram(py::module_& m);        // csrc/gram_cpu.cpp
 
 namespace {
 
@@ -513,6 +514,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "lora-da compiled core";
   register_build_info(m);  // csrc/build_info.cpp
   register_cholesky(m);    // csrc/cholesky_cpu.cpp
+  register_gram(m);        // csrc/gram_cpu.cpp
 
   bind_request(m, dense_fields(),
                "A batched LOBPCG solve on dense symmetric matrices, every field by name (keywords only). "

@@ -24,10 +24,14 @@ int scipy_openblas_get_num_threads(void);
 
 namespace lora_da {
 
+// Only a change is made: setting the count costs a call into OpenBLAS's pool each time,
+// which the statistics pass (hundreds of calls per batch, csrc/gram_cpu.cpp) would pay.
 OpenblasThreadsGuard::OpenblasThreadsGuard(int threads) : previous_(scipy_openblas_get_num_threads()) {
-  scipy_openblas_set_num_threads(threads);
+  if (threads != previous_) scipy_openblas_set_num_threads(threads);
 }
-OpenblasThreadsGuard::~OpenblasThreadsGuard() { scipy_openblas_set_num_threads(previous_); }
+OpenblasThreadsGuard::~OpenblasThreadsGuard() {
+  if (scipy_openblas_get_num_threads() != previous_) scipy_openblas_set_num_threads(previous_);
+}
 int OpenblasThreadsGuard::current() { return scipy_openblas_get_num_threads(); }
 
 template <typename T>

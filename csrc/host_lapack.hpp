@@ -13,6 +13,9 @@ void scipy_dgemm_(const char* transa, const char* transb, const int* m, const in
 void scipy_sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
                   const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
                   const int* ldc, std::size_t, std::size_t);
+void scipy_dsyrk_(const char* uplo, const char* trans, const int* n, const int* k, const double* alpha,
+                  const double* a, const int* lda, const double* beta, double* c, const int* ldc, std::size_t,
+                  std::size_t);
 void scipy_dtrsm_(const char* side, const char* uplo, const char* transa, const char* diag, const int* m,
                   const int* n, const double* alpha, const double* a, const int* lda, double* b, const int* ldb,
                   std::size_t, std::size_t, std::size_t, std::size_t);

@@ -23,7 +23,7 @@
 // always contribute (unless their residual is exactly zero). A problem stops
 // (converged) once all of its k wanted pairs meet
 //   ||A x_j − θ_j x_j|| <= max(tol * max_{i<m} |θ_i|, 100 eps ||A||_est),
-// or (not converged) after max_iter iterations;
+// or (not converged) after max_iter iterations or on stagnation (StagnationWatch);
 // ||A||_est = the largest |Ritz value| seen so far (a lower bound of ||A||_2
 // that is close to it after the first iterations). The residual is measured
 // against the size of the block's own Ritz values, not against ||A||: Ω's
@@ -100,6 +100,53 @@ inline int default_guard(int k) { return std::max(k, 8); }
 inline double convergence_threshold(double tol, double wanted_scale, double norm_estimate, double eps) {
   return std::max(tol * wanted_scale, 100.0 * eps * norm_estimate);
 }
+
+// Stagnation: a problem stops (not converged) when for a fifth of max_iter (at
+// least 50) iterations neither the largest residual of its wanted pairs, in units of its
+// threshold, has fallen below 0.9 of its best value, nor the sum of its wanted
+// Ritz values (non-increasing: each Rayleigh–Ritz space holds the previous X) has
+// fallen by more than rounding (100 k eps ||A||_est). Slow convergence moves one or
+// the other: an unpreconditioned problem of condition 1e6 whose residuals sit
+// above their start for hundreds of iterations while its Ritz values fall, and
+// converges after 1125, is not stopped. A problem stuck above its threshold with
+// its Ritz values settled (seen: a SmolLM2 v_proj that from 1 start in 7 sat at
+// 1.3-4.2 thresholds in the classic variant) would otherwise run to max_iter; its
+// callers treat it as any unconverged problem (LoRA-DA's independent check solves
+// it again densely). The window grows with max_iter: a caller that allows many
+// iterations gets that much patience (a float32 problem of condition 1e8 whose
+// threshold rises with ||A||_est reached it after 599 iterations, with plateaus of
+// more than 50).
+inline int stagnation_window(int max_iter) { return std::max(50, max_iter / 5); }
+
+class StagnationWatch {
+ public:
+  StagnationWatch(int batch_count, int window)
+      : window_(window),
+        best_residual_(batch_count, std::numeric_limits<double>::infinity()),
+        best_ritz_sum_(batch_count, std::numeric_limits<double>::infinity()),
+        progress_at_(batch_count, 0) {}
+  // Records problem b at `iteration`: its largest wanted residual over its threshold,
+  // the sum of its k wanted Ritz values and the rounding scale 100 k eps ||A||_est of
+  // that sum. True when it has stagnated.
+  bool stagnated(int b, int iteration, double residual_in_thresholds, double ritz_sum, double rounding) {
+    bool progress = false;
+    if (!(residual_in_thresholds >= 0.9 * best_residual_[b])) {  // a new best (or the first value)
+      best_residual_[b] = residual_in_thresholds;
+      progress = true;
+    }
+    if (!(ritz_sum >= best_ritz_sum_[b] - rounding)) {
+      best_ritz_sum_[b] = ritz_sum;
+      progress = true;
+    }
+    if (progress) progress_at_[b] = iteration;
+    return iteration - progress_at_[b] >= window_;
+  }
+
+ private:
+  int window_;
+  std::vector<double> best_residual_, best_ritz_sum_;
+  std::vector<int> progress_at_;
+};
 
 namespace detail {
 
@@ -434,6 +481,8 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
     rayleigh_ritz();
   }
 
+  StagnationWatch watch(batch_count, stagnation_window(options.max_iter));
+  auto ritz_sum = [&](int b) { return std::accumulate(&theta[std::size_t(b) * m], &theta[std::size_t(b) * m] + k, 0.0); };
   int iteration = 0;
   for (;; ++iteration) {
     compute_residuals();
@@ -445,10 +494,14 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
       for (int j = 0; j < m; ++j) wanted_scale = std::max(wanted_scale, std::fabs(theta[std::size_t(b) * m + j]));
       const double threshold = convergence_threshold(tol, wanted_scale, report.norm_estimate[b], eps);
       bool all_wanted = true;
-      for (int j = 0; j < k; ++j) all_wanted = all_wanted && residual_norm[std::size_t(b) * m + j] <= threshold;
+      double worst = 0;  // the largest wanted residual, in thresholds
+      for (int j = 0; j < k; ++j) {
+        all_wanted = all_wanted && residual_norm[std::size_t(b) * m + j] <= threshold;
+        worst = std::max(worst, residual_norm[std::size_t(b) * m + j] / threshold);
+      }
       report.iterations[b] = iteration;
       for (int j = 0; j < k; ++j) report.residual_norms[std::size_t(b) * k + j] = residual_norm[std::size_t(b) * m + j];
-      if (all_wanted || iteration >= options.max_iter) {
+      if (all_wanted || iteration >= options.max_iter || watch.stagnated(b, iteration, worst, ritz_sum(b), 100.0 * k * eps * report.norm_estimate[b])) {
         report.converged[b] = all_wanted;
         running[b] = 0;
         continue;

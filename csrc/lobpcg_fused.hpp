@@ -224,6 +224,8 @@ void lobpcg_one_exchange(Backend<T>& backend, Operator<T>& op, int batch_count, 
   for (int b = 0; b < batch_count; ++b) rayleigh_ritz(b);
   backend.from_host(up.get(), host_up.data(), host_up.size());
 
+  StagnationWatch watch(batch_count, stagnation_window(options.max_iter));
+  auto ritz_sum = [&](int b) { return std::accumulate(&theta[std::size_t(b) * m], &theta[std::size_t(b) * m] + k, 0.0); };
   for (int iteration = 0;; ++iteration) {
     // [X | P] ← S K, [AX | AP] ← AS K
     backend.gemm('N', 'N', n, 2 * m, s, T(1), basis.get(), n, stride_basis, up.get(), s, stride_up, T(0),
@@ -255,13 +257,15 @@ void lobpcg_one_exchange(Backend<T>& backend, Operator<T>& op, int batch_count, 
       for (int j = 0; j < m; ++j) wanted_scale = std::max(wanted_scale, std::fabs(theta[std::size_t(b) * m + j]));
       const double threshold = convergence_threshold(tol, wanted_scale, report.norm_estimate[b], eps);
       bool all_wanted = true;
+      double worst = 0;  // the largest wanted residual, in thresholds
       for (int j = 0; j < k; ++j) {
         const double norm = std::sqrt(std::max(0.0, rr[j + std::size_t(j) * m]));
         report.residual_norms[std::size_t(b) * k + j] = norm;
         all_wanted = all_wanted && norm <= threshold;
+        worst = std::max(worst, norm / threshold);
       }
       report.iterations[b] = iteration;
-      if (all_wanted || iteration >= options.max_iter) {
+      if (all_wanted || iteration >= options.max_iter || watch.stagnated(b, iteration, worst, ritz_sum(b), 100.0 * k * eps * report.norm_estimate[b])) {
         report.converged[b] = all_wanted;
         running[b] = 0;
         keep_block(b);

@@ -17,7 +17,8 @@ MPS devices (no float64) sum in float32 and refuse ``"float64"``.
 The backends:
 
 * ``"torch"``: plain PyTorch (``kfac_stats``), any device and dtype: Z on its
-  lower triangle (panel ``addmm``s, mirrored at the end of the pass), G and y
+  lower triangle (mirrored at the end of the pass; float64 sums on the CPU by the
+  core's OpenBLAS ``dsyrk``, ``kfac_stats_cpu``, panel ``addmm``s elsewhere), G and y
   as in the reference; the products in the accumulators' dtype.
 * ``"triton"``: the Triton kernels (``kfac_stats_triton``), float32
   accumulators only; CUDA tensors with
@@ -42,7 +43,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import kfac_stats
+from . import kfac_stats, kfac_stats_cpu
 
 STATS_BACKENDS = ("auto", "torch", "triton")
 
@@ -75,7 +76,7 @@ class StatisticsBackend:
 
 TORCH_BACKEND = StatisticsBackend(
     name="torch",
-    accumulate_input_factor=kfac_stats.accumulate_input_factor_lower,
+    accumulate_input_factor=kfac_stats_cpu.accumulate_input_factor_lower,  # panels where it does not apply
     accumulate_output_statistics=kfac_stats.accumulate_output_statistics,
     finalize_input_factor=kfac_stats.mirror_lower_triangle,
     input_factor_float64=True,

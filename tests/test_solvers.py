@@ -322,6 +322,59 @@ def test_preconditioner_tames_an_ill_conditioned_input_factor():
     assert int(fast.iterations.max()) * 2 <= int(slow.iterations.max()), (fast.iterations, slow.iterations)
 
 
+def _unpreconditioned_problem(condition: float, dtype: torch.dtype) -> LoraDAOperator:
+    """One LoRA-DA problem (d_in 300, d_out 40) whose Z has condition ``condition``, held
+    in ``dtype``, without a preconditioner: the hard case for LOBPCG."""
+    g = torch.Generator().manual_seed(0)
+    n, d_out = 300, 40
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    z = (q * torch.logspace(0, -math.log10(condition), n, dtype=torch.float64)) @ q.T
+    delta = torch.randn(n, d_out, dtype=torch.float64, generator=g)
+    delta = delta / torch.linalg.matrix_norm(delta, ord=2)
+    return LoraDAOperator(delta[None].to(dtype), torch.linalg.cholesky(z)[None].to(dtype), alpha=1.0, variance_scale=[1e-3])
+
+
+@pytest.fixture(params=[False, True], ids=["classic", "one-exchange"])
+def variant(request, monkeypatch):
+    """Both LOBPCG variants on the CPU: the classic one (the CPU default) and the
+    one-exchange one (the CUDA default; ``one_exchange=True`` in the request)."""
+    import lora_da.solvers as solvers
+
+    real = solvers.core()
+
+    class Variant:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def GuidanceRequest(self, **fields):  # noqa: N802 (the core's name)
+            return real.GuidanceRequest(one_exchange=request.param, **fields)
+
+    monkeypatch.setattr(solvers, "core", lambda: Variant())
+    return request.param
+
+
+def test_a_stagnating_problem_stops_before_max_iter(variant):
+    """Z of condition 1e8 in float32, unpreconditioned: the residuals sit at a few times
+    their threshold and stop falling (measured: 500 iterations before the rule, ~250
+    with it). The solver gives up after a fifth of max_iter without progress
+    (csrc/lobpcg.hpp, StagnationWatch) and reports converged=False, so that LoRA-DA's
+    check redoes it densely instead of waiting for max_iter."""
+    result = lobpcg(_unpreconditioned_problem(1e8, torch.float32), 4, max_iter=500)
+    assert not bool(result.converged.any())
+    assert int(result.iterations.max()) <= 400, result.iterations
+
+
+def test_slow_steady_convergence_is_not_taken_for_stagnation(variant):
+    """Z of condition 1e6 in float64, unpreconditioned: ~1150-1200 iterations, with
+    residual plateaus of hundreds of iterations while the Ritz values fall. The
+    stagnation rule must let it converge, to the accuracy of eigh."""
+    op = _unpreconditioned_problem(1e6, torch.float64)
+    result = lobpcg(op, 4, max_iter=1500)
+    assert bool(result.converged.all()), result.iterations
+    assert int(result.iterations.max()) > 300  # longer than the stagnation window (1500 / 5): the rule was exercised
+    check_against_eigh(op.dense(), result, 4)
+
+
 # --------------------------------------------------------------------------
 # The named interface of the compiled core (DenseRequest / GuidanceRequest)
 # --------------------------------------------------------------------------

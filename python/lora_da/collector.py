@@ -19,8 +19,8 @@ keeps nothing for ``G`` (only ``Z``), and the backward's recomputation of the la
 gives the rows again (:meth:`Collector._on_recompute`), before or after the gradient.
 
 NaN/Inf is traced without extra host syncs: the forward hook writes the sum of
-each target's output into a small preallocated device tensor (a sum is finite
-exactly when every entry is), in the order the targets run; inputs are traced
+each target's output into a small preallocated device tensor (a sum is non-finite
+when some entry is; :meth:`Collector._record_output`), in the order the targets run; inputs are traced
 by ``Z``'s diagonal. :meth:`Collector.check_batch_finite` reads these flags, the
 loss and the sums' checks in one host read per batch and names the first
 target, in forward order, whose input or output was non-finite.
@@ -397,8 +397,13 @@ class Collector:
 
     def _record_output(self, name: str, output: torch.Tensor) -> None:
         """Write the sum of ``output`` into its forward-order slot of ``output_sums``
-        (on the device: no host sync). The sum is accumulated in float64 (float32 on
-        MPS), so it is non-finite exactly when some entry is."""
+        (on the device: no host sync). The sum is accumulated in float32 (float64 for a
+        float64 model): non-finite when some entry is, and otherwise only when the
+        entries of one output sum past ~3e38, which a model whose outputs are already
+        far beyond bf16/fp16 range reaches; the flag only words the error's trace
+        (:meth:`_trace`), never decides whether a batch is refused. A float64 sum cost
+        6x as much on the CPU (0.9 vs 0.12 ms per 1.5M entries, 2 threads): ~1 s of
+        the SmolLM2 32 x 256 pass."""
         slot = len(self.forward_order)
         self.forward_order.append(name)
         # plain tensors only: a tensor subclass (e.g. a DTensor) would not mix with the plain buffer
@@ -407,7 +412,7 @@ class Collector:
                 self.output_sums[slot].zero_()  # not traced: finite
             return
         if self.output_sums is None:
-            dtype = torch.float32 if output.device.type == "mps" else torch.float64
+            dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
             self.output_sums = torch.zeros(len(self.modules), dtype=dtype, device=output.device)
         target = self.output_sums[slot]
         values = output.detach()

@@ -261,7 +261,9 @@ def lobpcg(
             Default 1e-10 (float64), 2e-4 (float32). The largest principal
             angle to the exact eigenspace is then about
             ``≤ √k · threshold / (λ_{k+1} − λ_k)``.
-        max_iter: iteration cap (``[0, 2**31 - 1]``); problems that hit it report ``converged=False``.
+        max_iter: iteration cap (``[0, 2**31 - 1]``); problems that hit it report ``converged=False``,
+            as do problems that stagnate: no progress in their residuals or Ritz values for
+            ``max(50, max_iter // 5)`` iterations (docs/math.md §5.4).
         seed: the random start block is drawn from this seed (per problem), an int in ``[0, 2**64 - 1]``.
         guard: guard vectors beyond k (``[0, 2**31 - 1]``; default ``max(k, 8)``); when
             ``n < 5·(k + guard)`` a dense eigensolver runs instead (there LOBPCG's
