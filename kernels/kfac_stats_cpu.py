@@ -10,8 +10,10 @@ triangle's flops. What one SmolLM2 batch of 1024 rows accumulates (30 layers x t
 2 Intel cores (``python bench/bench_kfac_cpu.py``).
 
 Token weights ``m`` enter as rows scaled by ``√m`` (``Σ m a aᵀ = Σ (√m a)(√m a)ᵀ``, exact for
-0/1 masks and within float64 rounding otherwise); negative weights, float32 sums and
-anything not on the CPU go to the panel path.
+0/1 masks and within float64 rounding otherwise), so they must be finite and non-negative:
+``lora_da.token_masks`` refuses any other mask before the forward, in its one host read of
+the batch (checking here would cost a host read per module). Float32 sums and anything not
+on the CPU go to the panel path.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ def _core():
 def accumulate_input_factor_lower(
     input_factor_sum: torch.Tensor, inputs: torch.Tensor, token_weights: Optional[torch.Tensor]
 ) -> None:
-    """``input_factor_sum += inputsᵀ diag(token_weights) inputs`` on the lower triangle."""
+    """``input_factor_sum += inputsᵀ diag(token_weights) inputs`` on the lower triangle
+    (``token_weights``: finite, ``>= 0``; ``None`` = all ones)."""
     if (
         input_factor_sum.device.type != "cpu"
         or input_factor_sum.dtype != torch.float64
         or not input_factor_sum.is_contiguous()
         or inputs.dim() != 2
-        or (token_weights is not None and not bool((token_weights >= 0).all()))
     ):
         kfac_stats.accumulate_input_factor_lower(input_factor_sum, inputs, token_weights)
         return

@@ -13,7 +13,7 @@ import pytest
 import torch
 from kernel_checks import INTERPRETING, import_triton_module
 
-from lora_da.kernels import dispatch, kfac_stats, triton_launch
+from lora_da.kernels import dispatch, kfac_stats, kfac_stats_cpu, triton_launch
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,9 @@ def test_select_backend_triton_cases(kernels):
         assert backend.finalize_input_factor is kernels.finalize_input_factor
 
 
-def test_cpu_backend_uses_the_lower_panels():
+def test_cpu_backend_accumulates_the_lower_triangle():
     backend = dispatch.select_backend(torch.device("cpu"), "auto", torch.float32)
-    assert backend.accumulate_input_factor is kfac_stats.accumulate_input_factor_lower
+    assert backend.accumulate_input_factor is kfac_stats_cpu.accumulate_input_factor_lower
     assert backend.accumulate_output_statistics is kfac_stats.accumulate_output_statistics
     assert backend.finalize_input_factor is kfac_stats.mirror_lower_triangle
 

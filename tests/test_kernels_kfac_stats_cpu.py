@@ -83,11 +83,11 @@ def test_no_rows_leaves_the_sum_as_it_was():
 
 
 def test_where_it_does_not_apply_the_panel_path_runs():
-    """float32 sums and negative weights: exactly what the panels give."""
+    """float32 sums, weighted or not: exactly what the panels give."""
     generator = torch.Generator().manual_seed(9)
     inputs = torch.randn(200, 90, generator=generator)
-    for dtype, weights in ((torch.float32, None), (torch.float64, torch.randn(200, generator=generator))):
-        ours, panels = torch.zeros(90, 90, dtype=dtype), torch.zeros(90, 90, dtype=dtype)
+    for weights in (None, torch.rand(200, generator=generator)):
+        ours, panels = torch.zeros(90, 90), torch.zeros(90, 90)
         kfac_stats_cpu.accumulate_input_factor_lower(ours, inputs, weights)
         kfac_stats.accumulate_input_factor_lower(panels, inputs, weights)
         assert torch.equal(ours, panels)

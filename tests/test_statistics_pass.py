@@ -23,6 +23,8 @@ from lora_da.targets import find_target_modules
 
 from helpers import (
     SharedInputMLP,
+    assert_same_fingerprint,
+    model_fingerprint,
     oracle_statistics,
     principal_angle,
     regression_batches,
@@ -80,6 +82,26 @@ def test_batch_size_invariance():
             torch.testing.assert_close(m.lora_A, four.modules[name].lora_A, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(m.lora_B, four.modules[name].lora_B, rtol=1e-6, atol=1e-7)
             assert abs(m.sigma - four.modules[name].sigma) <= 1e-8 * m.sigma
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_negative_or_non_finite_token_weights_are_refused_and_the_model_left_as_found(bad):
+    """Z = Σ m·a aᵀ needs m ≥ 0 (the CPU kernel scales rows by √m): a mask entry below 0 or
+    not finite is refused before the forward, by the mask's name and shape."""
+    model = tiny_llama()
+    loader = list(batches(synthetic_samples(4, seed=3), 2))
+
+    def token_mask(batch):
+        weights = batch["attention_mask"].to(torch.float32)
+        weights[0, 0] = bad
+        return weights
+
+    before = model_fingerprint(model)
+    with pytest.raises(ValueError, match=r"the token mask has 1 negative or non-finite entries \(shape \(2, \d+\)\)"):
+        lora_da.initialize(model, loader, rank=2, token_mask=token_mask, progress=False)
+    assert_same_fingerprint(before, model_fingerprint(model))
+    fractional = lambda batch: batch["attention_mask"].to(torch.float32) * 0.5  # non-negative: accepted
+    lora_da.initialize(model, loader, rank=2, token_mask=fractional, progress=False)
 
 
 def test_left_and_right_padding_agree():

@@ -45,7 +45,7 @@ class LoraDAConfig:
             (``attention_mask == 1``, all tokens when the batch has none),
             ``"labels"`` (tokens whose next-token label is not -100),
             ``"all"``, or a callable ``batch -> mask`` shaped like the inputs'
-            leading dimensions.
+            leading dimensions (0/1, or finite non-negative token weights).
         max_batches: stop after this many batches from the loader.
         preserve_output: subtract ``s·lora_B·lora_A`` from the base weight in
             :meth:`LoraInit.apply` so the model's output is unchanged at init.

@@ -151,11 +151,27 @@ class ModuleMasks:
         if distinct:
             flats = [t.reshape(-1).to(device=device) for t, _ in distinct.values()]
             sums = torch.stack(
-                [v for f in flats for v in (f.sum(dtype=torch.float64), (f != 1).sum(dtype=torch.float64))]
+                [
+                    v
+                    for f in flats
+                    for v in (
+                        f.sum(dtype=torch.float64),
+                        (f != 1).sum(dtype=torch.float64),
+                        ((f < 0) | ~torch.isfinite(f)).sum(dtype=torch.float64),
+                    )
+                ]
             )
             values = sums.tolist()  # the one host sync before the forward
             for index, (key, (tensor, source)) in enumerate(distinct.items()):
-                kept, not_one = int(values[2 * index]), int(values[2 * index + 1])
+                invalid = int(values[3 * index + 2])
+                if invalid:
+                    # Z = Σ m·a aᵀ must stay positive semi-definite (and the CPU kernel
+                    # scales rows by √m): weights are non-negative and finite.
+                    raise ValueError(
+                        f"lora-da: {source} has {invalid} negative or non-finite entries "
+                        f"(shape {tuple(tensor.shape)}); token weights must be finite and >= 0"
+                    )
+                kept, not_one = int(values[3 * index]), int(values[3 * index + 1])
                 masks[key] = RowMask(
                     weights=None if not_one == 0 else flats[index],
                     entries=flats[index].numel(),
