@@ -86,16 +86,16 @@ def load_reference(path: str, key: str):
 
 
 def save_reference(path: str, key: str, bases) -> None:
-    """Write the reference atomically (a temporary file renamed over ``path``)."""
+    """Write the reference atomically, with the mode the umask gives (``lora_da.atomic_files``)."""
     from safetensors.torch import save_file
+
+    from lora_da.atomic_files import write_atomically
 
     tensors = {name: b.input_basis.contiguous() for name, b in bases.items() if b.input_basis is not None}
     facts = {name: {"has_basis": b.input_basis is not None, "positive_definite": b.positive_definite,
                     "input_factor_min": b.input_factor_min, "input_factor_max": b.input_factor_max}
              for name, b in bases.items()}
-    temporary = f"{path}.tmp{os.getpid()}"
-    save_file(tensors, temporary, metadata={"key": key, "modules": json.dumps(facts)})
-    os.replace(temporary, path)
+    write_atomically(path, lambda temporary: save_file(tensors, temporary, metadata={"key": key, "modules": json.dumps(facts)}))
 
 
 def main() -> None:

@@ -135,3 +135,31 @@ def test_driver_plan_resumes_extends_edges_and_picks_best_lr(tmp_path):
     missing = [r for r in runs if study_driver.read_result(str(tmp_path), r) is None]
     assert sorted(missing) == sorted([("lora", 5e-4, 1), ("lora-da", 1e-3, 1), ("lora-da-zrel1e-4", 1e-3, 1)])
     assert not notes
+
+
+def test_init_angles_recover_a_planted_rotation(tmp_path):
+    """study_init_angles: a layer whose lora_A is turned by θ in one plane reads θ; the others 0."""
+    import study_init_angles
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    rows, turned = {}, {}
+    for layer, theta in enumerate((0.0, 7.0, 31.0)):
+        basis, _ = torch.linalg.qr(torch.randn(40, 5, generator=generator, dtype=torch.float64))
+        a = (basis[:, :4] * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)).T  # r x d_in, not orthonormal
+        rad = math.radians(theta)
+        b = a.clone()
+        b[0] = math.cos(rad) * basis[:, 0] + math.sin(rad) * basis[:, 4]  # first row turned out of the span
+        name = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        rows[name + ".lora_A.weight"], turned[name + ".lora_A.weight"] = a.float(), b.float()
+    for arm, tensors in (("lora-da", rows), ("lora-da-lobpcg10", turned)):
+        folder = tmp_path / "cache" / f"{arm}_r4_key"
+        folder.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    study_init_angles.main(["--out", str(tmp_path)])
+    result = __import__("json").loads((tmp_path / "init_angles.json").read_text())
+    q = result["arms"]["lora-da-lobpcg10"]["q_proj"]
+    assert q["n"] == 3
+    assert q["max"] == pytest.approx(31.0, abs=1e-3)  # float32 storage: ~1e-4 degrees
+    assert q["median"] == pytest.approx(7.0, abs=1e-3)
+    assert set(result["arms"]) == {"lora-da-lobpcg10"}

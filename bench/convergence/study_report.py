@@ -224,6 +224,21 @@ def main(argv=None) -> int:
         lines.append(f"| {s['arm']} | init | {energy_row(run, 'energy_ratio_init')} | "
                      f"{fmt(norms.get('q_proj'), 3)} / {fmt(norms.get('down_proj'), 3)} |")
         lines.append(f"| {s['arm']} | end | {energy_row(run, 'energy_ratio_final')} | |")
+    angles_path = os.path.join(args.runs, "init_angles.json")
+    if os.path.exists(angles_path):
+        with open(angles_path) as handle:
+            angles = json.load(handle)
+        lines += ["", "## Init subspaces against exact LoRA-DA (why, continued)", "",
+                  "Per module type, the largest principal angle (°) between each layer's `lora_A` row space and "
+                  f"{angles['reference_arm']}'s (the exact solve), max / median over layers "
+                  "(`python bench/convergence/study_init_angles.py`, from the cached inits). Read with the results "
+                  "table: arms whose inits are far apart here but whose losses agree say the subspace is not what "
+                  "decides the outcome.", "",
+                  "| arm | " + " | ".join(MODULE_TYPES) + " |", "|---|" + "---|" * len(MODULE_TYPES)]
+        for arm, per_type in angles["arms"].items():
+            lines.append(f"| {arm} | " + " | ".join(
+                f"{per_type[t]['max']:.3g} / {per_type[t]['median']:.3g}" if t in per_type else "n/a"
+                for t in MODULE_TYPES) + " |")
     lines += ["", "## Every run", "", "| run | pick loss | report loss | exact match | steps | init s | train s | "
               "median step s | EM s | wall min | CPU min | lora_da commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in sorted(runs.items(), key=lambda kv: (ORDER.index(kv[0][0]) if kv[0][0] in ORDER else 99, kv[0][1:])):
