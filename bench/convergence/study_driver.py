@@ -78,6 +78,9 @@ def best_lr(out: str, arm: str, lrs: List[float], seed: int = 0) -> Optional[flo
     return min(sorted(scores), key=lambda lr: scores[lr])
 
 
+MAX_EXTEND = 3  # edge extensions per side: every arm was still improving at 5e-4, then at 1e-3
+
+
 def _neighbour(lr: float, up: bool) -> Optional[float]:
     index = min(range(len(LADDER)), key=lambda i: abs(math.log(LADDER[i] / lr)))
     index += 1 if up else -1
@@ -152,7 +155,7 @@ def main() -> int:
     p.add_argument("--arms", default=DEFAULT_ARMS)
     p.add_argument("--first-lr", type=float, default=2e-4)
     p.add_argument("--lrs", default="1e-4,2e-4,5e-4")
-    p.add_argument("--max-extend", type=int, default=1, help="edge extensions per side and arm")
+    p.add_argument("--max-extend", type=int, default=MAX_EXTEND, help="edge extensions per side and arm")
     p.add_argument("--extra-seeds-for", default="lora,lora-da")
     p.add_argument("--extra-seeds", default="1")
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")

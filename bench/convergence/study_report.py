@@ -102,7 +102,7 @@ def energy_row(run: dict, key: str) -> str:
 
 def missing_runs(folder: str) -> tuple:
     args = SimpleNamespace(out=folder, arms=study_driver.DEFAULT_ARMS, first_lr=2e-4, lrs="1e-4,2e-4,5e-4",
-                           max_extend=1, extra_seeds_for="lora,lora-da", extra_seeds="1")
+                           max_extend=study_driver.MAX_EXTEND, extra_seeds_for="lora,lora-da", extra_seeds="1")
     planned, notes = study_driver.plan(args)
     return [run_name(*r) for r in planned if study_driver.read_result(folder, r) is None], notes
 
@@ -177,7 +177,8 @@ def main(argv=None) -> int:
               "Report loss: token-weighted mean cross-entropy on the report split (mean over seeds; spread = max − min). "
               "Exact match: seed 0, Wilson 95% interval; per seed in the next column. Δ vs lora: seed-0 report loss "
               "minus lora's (each at its best LR), paired bootstrap 95% interval over samples. McNemar: exact two-sided "
-              "p on the exact-match prompts (b = only this arm right, c = only lora right).", "",
+              "p on the exact-match prompts (b = only this arm right, c = only lora right). "
+              "(edge): the best LR is the smallest or largest tried, so a better one may lie beyond it.", "",
               "| arm | best LR | LRs tried | seeds | report loss | seed spread | exact match (seed 0) [Wilson 95%] | "
               "EM per seed | Δ loss vs lora [95% CI] | McNemar p (b/c) | verdict |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -190,7 +191,8 @@ def main(argv=None) -> int:
         em_text = f"{em['correct']}/{em['n']} = {em['accuracy']:.3f} [{s['wilson'][0]:.3f}, {s['wilson'][1]:.3f}]" if em else "n/a"
         diff = (f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" if c and c["diff"] is not None else "—")
         mc = (f"{c['p']:.3g} ({c['b']}/{c['c']})" if c and c["p"] is not None else "—")
-        lines.append(f"| {s['arm']} | {s['lr']:g} | {', '.join(f'{x:g}' for x in s['lrs_tried'])} | "
+        edge = " (edge)" if len(s["lrs_tried"]) > 1 and s["lr"] in (s["lrs_tried"][0], s["lrs_tried"][-1]) else ""
+        lines.append(f"| {s['arm']} | {s['lr']:g}{edge} | {', '.join(f'{x:g}' for x in s['lrs_tried'])} | "
                      f"{','.join(map(str, s['seeds']))} | {fmt(s['loss_mean'])} | {fmt(s['spread'])} | {em_text} | "
                      f"{' / '.join(s['em_by_seed'])} | {diff} | {mc} | {c['verdict'] if c else '—'} |")
     by_arm = {s["arm"]: s for s in summaries}
@@ -209,6 +211,22 @@ def main(argv=None) -> int:
         lines.append(f"* lora-da (lr {s['lr']:g}) vs {other} (lr {o['lr']:g}): report loss {fmt(s['loss_mean'])} vs "
                      f"{fmt(o['loss_mean'])}, Δ {c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] → {c['verdict']}; "
                      f"{em_text}" + ("" if not missing else " (partial: best LRs may change as runs land)") + ".")
+    same_lr = []
+    for variant in ORDER:
+        if not variant.startswith("lora-da-"):
+            continue
+        for (arm, lr, seed), run in sorted(runs.items()):
+            ref = runs.get(("lora-da", lr, 0))
+            if arm != variant or seed != 0 or ref is None or run.get("diverged") or ref.get("diverged"):
+                continue
+            diff, low, high = paired_bootstrap_diff(run["report_sample_losses"], ref["report_sample_losses"])
+            same_lr.append(f"| {variant} | {lr:g} | {fmt(run['report_loss'])} | {fmt(ref['report_loss'])} | "
+                           f"{diff:+.4f} [{low:+.4f}, {high:+.4f}] |")
+    if same_lr:
+        lines += ["", "## LoRA-DA variants against lora-da at the same LR", "",
+                  "Seed 0 of both; report loss; Δ = variant − lora-da with the paired bootstrap 95% interval over "
+                  "the report samples.", "", "| variant | LR | variant loss | lora-da loss | Δ [95% CI] |",
+                  "|---|---|---|---|---|"] + same_lr
     lines += ["", "## Energy of lora_A (why)", "",
               "Per module type, the mean over layers of [tr(A Z Aᵀ)/tr(A Aᵀ)] / [tr(Z)/d_in]: the activation energy "
               "along A's rows (weighted by their squared norms) relative to a uniformly random unit direction "
