@@ -125,10 +125,13 @@ class StagnationWatch {
         best_residual_(batch_count, std::numeric_limits<double>::infinity()),
         best_ritz_sum_(batch_count, std::numeric_limits<double>::infinity()),
         progress_at_(batch_count, 0) {}
-  // Records problem b at `iteration`: its largest wanted residual over its threshold,
-  // the sum of its k wanted Ritz values and the rounding scale 100 k eps ||A||_est of
-  // that sum. True when it has stagnated.
-  bool stagnated(int b, int iteration, double residual_in_thresholds, double ritz_sum, double rounding) {
+  // Records problem b at `iteration`: its largest wanted residual over its threshold
+  // and its k wanted Ritz values (rounding of their sum: 100 k eps ||A||_est). True
+  // when it has stagnated.
+  bool stagnated(int b, int iteration, double residual_in_thresholds, const double* wanted_ritz_values, int k,
+                 double eps, double norm_estimate) {
+    const double ritz_sum = std::accumulate(wanted_ritz_values, wanted_ritz_values + k, 0.0);
+    const double rounding = 100.0 * k * eps * norm_estimate;
     bool progress = false;
     if (!(residual_in_thresholds >= 0.9 * best_residual_[b])) {  // a new best (or the first value)
       best_residual_[b] = residual_in_thresholds;
@@ -482,7 +485,6 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
   }
 
   StagnationWatch watch(batch_count, stagnation_window(options.max_iter));
-  auto ritz_sum = [&](int b) { return std::accumulate(&theta[std::size_t(b) * m], &theta[std::size_t(b) * m] + k, 0.0); };
   int iteration = 0;
   for (;; ++iteration) {
     compute_residuals();
@@ -501,7 +503,7 @@ LobpcgReport lobpcg(Backend<T>& backend, Operator<T>& op, int batch_count, const
       }
       report.iterations[b] = iteration;
       for (int j = 0; j < k; ++j) report.residual_norms[std::size_t(b) * k + j] = residual_norm[std::size_t(b) * m + j];
-      if (all_wanted || iteration >= options.max_iter || watch.stagnated(b, iteration, worst, ritz_sum(b), 100.0 * k * eps * report.norm_estimate[b])) {
+      if (all_wanted || iteration >= options.max_iter || watch.stagnated(b, iteration, worst, &theta[std::size_t(b) * m], k, eps, report.norm_estimate[b])) {
         report.converged[b] = all_wanted;
         running[b] = 0;
         continue;

@@ -225,7 +225,6 @@ void lobpcg_one_exchange(Backend<T>& backend, Operator<T>& op, int batch_count, 
   backend.from_host(up.get(), host_up.data(), host_up.size());
 
   StagnationWatch watch(batch_count, stagnation_window(options.max_iter));
-  auto ritz_sum = [&](int b) { return std::accumulate(&theta[std::size_t(b) * m], &theta[std::size_t(b) * m] + k, 0.0); };
   for (int iteration = 0;; ++iteration) {
     // [X | P] ← S K, [AX | AP] ← AS K
     backend.gemm('N', 'N', n, 2 * m, s, T(1), basis.get(), n, stride_basis, up.get(), s, stride_up, T(0),
@@ -265,7 +264,7 @@ void lobpcg_one_exchange(Backend<T>& backend, Operator<T>& op, int batch_count, 
         worst = std::max(worst, norm / threshold);
       }
       report.iterations[b] = iteration;
-      if (all_wanted || iteration >= options.max_iter || watch.stagnated(b, iteration, worst, ritz_sum(b), 100.0 * k * eps * report.norm_estimate[b])) {
+      if (all_wanted || iteration >= options.max_iter || watch.stagnated(b, iteration, worst, &theta[std::size_t(b) * m], k, eps, report.norm_estimate[b])) {
         report.converged[b] = all_wanted;
         running[b] = 0;
         keep_block(b);

@@ -25,12 +25,12 @@ from safetensors.torch import load_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from common import write_json_atomic  # noqa: E402
+from common import TARGET_MODULES, write_json_atomic  # noqa: E402
 from float64_reference import largest_angle_degrees  # noqa: E402
 
 REFERENCE_ARM = "lora-da"
 ARMS = ["lora-da-lobpcg10", "lora-da-zrel1e-4", "lora-da-zrel1e-2", "lora-one", "pissa"]
-MODULE_TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODULE_TYPES = TARGET_MODULES  # the module types of the tables
 
 
 def lora_a_rows(cache_dir: str, arm: str) -> tuple:

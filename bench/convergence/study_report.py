@@ -23,12 +23,12 @@ import sys
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import run_name  # noqa: E402
+from common import TARGET_MODULES, run_name  # noqa: E402
 import study_driver  # noqa: E402
 from study_stats import mcnemar_exact_p, paired_bootstrap_diff, wilson_interval  # noqa: E402
 
 ORDER = ["lora", "lora-da", "lora-one", "lora-da-lobpcg10", "lora-da-zrel1e-4", "lora-da-zrel1e-2", "pissa"]
-MODULE_TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODULE_TYPES = TARGET_MODULES  # the module types of the tables
 DRIVER = "nice -n 19 python bench/convergence/study_driver.py --out {out}"
 
 
