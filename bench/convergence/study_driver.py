@@ -41,7 +41,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from common import run_name  # noqa: E402
 
-LADDER = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3]
+LADDER = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2]
 VARIANTS = ["lora-da-lobpcg10", "lora-da-zrel1e-4", "lora-da-zrel1e-2"]
 DEFAULT_ARMS = "lora-da,lora,lora-one,pissa,lora-da-lobpcg10,lora-da-zrel1e-2,lora-da-zrel1e-4"
 
@@ -78,7 +78,7 @@ def best_lr(out: str, arm: str, lrs: List[float], seed: int = 0) -> Optional[flo
     return min(sorted(scores), key=lambda lr: scores[lr])
 
 
-MAX_EXTEND = 3  # edge extensions per side: every arm was still improving at 5e-4, then at 1e-3
+MAX_EXTEND = 4  # edge extensions per side: every arm was still improving at 5e-4, lora-da still at 5e-3
 
 
 def _neighbour(lr: float, up: bool) -> Optional[float]:
