@@ -44,6 +44,7 @@ from lora_da import host_linalg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_init_overhead import smollm2_case  # noqa: E402
+from timing import markdown_table  # noqa: E402
 
 RANK = 8
 TRAIN_SIZE = 7473  # GSM8K's training set, as bench/accuracy_smollm2.py
@@ -132,7 +133,7 @@ def main() -> None:
             unwrap()
         for key in ("factor_prep", "solve"):
             rows[key].append(timings.get(key, float("nan")))
-        rows["prep + solve"].append(timings.get("factor_prep", 0.0) + timings.get("solve", 0.0))
+        rows["prep + solve"].append(rows["factor_prep"][-1] + rows["solve"][-1])
         for label in dict.fromkeys(label for label, _, _ in STEPS):
             rows["– " + label].append(seconds[label])
         print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
@@ -145,12 +146,13 @@ def main() -> None:
         f"Device: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
         f"torch {torch.__version__}; rank {RANK}, N {TRAIN_SIZE}; statistics read from a checkpoint.",
         "",
-        "| step | median (s) | runs (s) |",
-        "|---|---|---|",
+        markdown_table(["step", "median (s)", "runs (s)"], [
+            [key, f"{stats_module.median(values):.2f}", " / ".join(f"{v:.2f}" for v in values)]
+            for key, values in rows.items()
+        ]),
+        "",
+        "LOBPCG iterations per batch (first repeat): " + "; ".join(iterations),
     ]
-    for key, values in rows.items():
-        lines.append(f"| {key} | {stats_module.median(values):.2f} | {' / '.join(f'{v:.2f}' for v in values)} |")
-    lines += ["", "LOBPCG iterations per batch (first repeat): " + "; ".join(iterations)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:
